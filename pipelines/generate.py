@@ -1,0 +1,291 @@
+"""Bulk synthetic-3D dataset generation on Ray Data: a prompt set in, scenes and a manifest out.
+
+    python -m pipelines.generate --config deploy/generate.yaml
+    ray job submit --working-dir . -- python -m pipelines.generate --config deploy/generate.cluster.yaml
+
+The story: read and normalise the prompt set on the driver (ids, seeds, duplicates, bad rows),
+drop ids an earlier run already recorded, then stream the rest through three Ray Data stages:
+  1. ValidatePrompts  (CPU actors: the text encoder's token limit, before any GPU time)
+  2. GenerateScenes   (GPU actors: the model is loaded once per actor; one batch per call)
+  3. write_scenes     (CPU tasks: encode .ply/.png, upload, commit a manifest part)
+The driver consumes the stream for progress, then compacts the manifest. Rerunning the same
+command on the same output resumes: every id is written exactly once (see vist3a.dataset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from vist3a.config import Config, ConfigError, load_config
+from vist3a.dataset import compact_manifest, empty_manifest_row, recorded_ids
+
+log = logging.getLogger("vist3a.generate")
+
+
+# ----------------------------------------------------------------------------- Ray Data stages
+
+
+def object_column(values: list) -> np.ndarray:
+    """A 1-D object array (np.array would try to nest sequences)."""
+    col = np.empty(len(values), dtype=object)
+    col[:] = values
+    return col
+
+
+class ValidatePrompts:
+    """CPU stage: refuse prompts the text encoder cannot take (token limit) before any GPU time."""
+
+    def __init__(self, cfg_dict: dict):
+        from vist3a.config import Config
+        from vist3a.video import load_tokenizer
+
+        self.cfg = Config.model_validate(cfg_dict)
+        self.tokenizer = load_tokenizer(self.cfg.model.video)
+
+    def __call__(self, batch: dict) -> dict:
+        from vist3a.video import check_prompt
+
+        limit = self.cfg.model.video.text_encoder.max_length
+        errors = list(batch["error"])
+        for i, (prompt, err) in enumerate(zip(batch["prompt"], errors)):
+            if err is None:
+                errors[i] = check_prompt(self.tokenizer, prompt, limit)
+        batch["error"] = np.array(errors, dtype=object)
+        return batch
+
+
+class GenerateScenes:
+    """GPU stage: one SceneGenerator per actor; a failing batch is retried item by item."""
+
+    def __init__(self, cfg_dict: dict):
+        import torch
+
+        from vist3a.config import Config
+        from vist3a.generator import SceneGenerator
+
+        cfg = Config.model_validate(cfg_dict)
+        if cfg.runtime.torch_threads is None and not torch.cuda.is_available():
+            torch.set_num_threads(max(1, int(cfg.generate.cpus_per_actor)))
+        self.gen = SceneGenerator(cfg)
+
+    def _run(self, idx, batch):
+        return self.gen.generate([batch["prompt"][i] for i in idx], [int(batch["seed"][i]) for i in idx],
+                                 [batch["negative_prompt"][i] or "" for i in idx])
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["id"])
+        scenes = [None] * n
+        metas = [None] * n
+        errors = list(batch["error"])
+        todo = [i for i in range(n) if errors[i] is None]
+        results = {}
+        if todo:
+            try:
+                results = dict(zip(todo, self._run(todo, batch)))
+            except Exception:  # noqa: BLE001 - isolate the failing item(s)
+                for i in todo:
+                    try:
+                        results[i] = self._run([i], batch)[0]
+                    except Exception as exc:  # noqa: BLE001 - recorded as a failed row, the job goes on
+                        errors[i] = f"generation failed: {type(exc).__name__}: {exc}"[:500]
+        for i, scene in results.items():
+            scenes[i] = scene
+            metas[i] = self.gen.meta(scene)
+        batch["error"] = np.array(errors, dtype=object)
+        batch["scene"] = object_column(scenes)
+        batch["meta"] = object_column(metas)
+        return batch
+
+
+def write_scenes(batch: dict, output: str, storage: dict, ply_sh_degree: int) -> dict:
+    """CPU stage: encode and upload each scene, then commit the batch's manifest part."""
+    from vist3a import __version__
+    from vist3a.config import StorageConfig
+    from vist3a.dataset import now_utc, write_manifest_part, write_scene
+    from vist3a.generator import scene_files
+
+    storage_cfg = StorageConfig.model_validate(storage)
+    rows = []
+    for i in range(len(batch["id"])):
+        row = empty_manifest_row()
+        for k in ("id", "prompt", "negative_prompt", "seed", "source"):
+            row[k] = batch[k][i]
+        row["seed"] = int(row["seed"])
+        scene, meta = batch["scene"][i], batch["meta"][i]
+        err = batch["error"][i]
+        if err is None and scene is not None:
+            t0 = time.perf_counter()
+            try:
+                uris = write_scene(output, row["id"], scene_files(scene, meta, ply_sh_degree), storage_cfg)
+            except Exception as exc:  # noqa: BLE001 - recorded; the id is retried by --retry-failed
+                err = f"write failed: {type(exc).__name__}: {exc}"[:500]
+            else:
+                row.update(
+                    status="done", scene_uri=uris["scene.ply"], preview_uri=uris.get("preview.png"),
+                    cameras_uri=uris["cameras.json"], num_gaussians=meta["num_gaussians"],
+                    bbox_min=meta["bbox_min"], bbox_max=meta["bbox_max"], preset=meta["preset"],
+                    weights_fingerprint=meta["weights_fingerprint"], write_s=time.perf_counter() - t0,
+                    **{k: meta["timings"].get(k) for k in ("sample_s", "decode_s", "render_s")},
+                )
+        if err is not None:
+            row.update(status="failed", error=str(err))
+        row["vist3a_version"] = __version__
+        row["finished_at"] = now_utc()
+        rows.append(row)
+    write_manifest_part(output, rows, storage_cfg)
+    keep = ("id", "status", "error")
+    return {k: object_column([r[k] for r in rows]) for k in keep}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+class Progress:
+    """A periodic line (done, failed, remaining, scenes/s) and the end-of-run summary."""
+
+    def __init__(self, total: int, every_s: float):
+        self.total, self.every_s = total, every_s
+        self.done = self.failed = 0
+        self.reasons: collections.Counter[str] = collections.Counter()
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, batch: dict) -> None:
+        for status, err in zip(batch["status"], batch["error"]):
+            if status == "done":
+                self.done += 1
+            else:
+                self.failed += 1
+                self.reasons[str(err).split(":")[0]] += 1
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            print(f"[generate] {self.line()}", flush=True)
+
+    def line(self) -> str:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        remaining = self.total - self.done - self.failed
+        return (f"done {self.done}, failed {self.failed}, remaining {remaining}, "
+                f"{self.done / dt:.3f} scenes/s, {dt:.0f}s elapsed")
+
+
+def init_ray(cfg: Config):
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address)
+    else:
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+                 object_store_memory=cfg.ray.object_store_mb * 1024**2 if cfg.ray.object_store_mb else None)
+
+
+def build_dataset(cfg: Config, todo: pa.Table):
+    """The streaming plan: validate (CPU) -> generate (GPU actors) -> write (CPU)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    job = cfg.generate
+    cfg_dict = cfg.model_dump(mode="json")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.ray.progress_bars
+    blocks = max(1, min(todo.num_rows, 4 * job.actors * 4, (todo.num_rows + job.batch_size - 1) // job.batch_size))
+    ds = ray.data.from_arrow(todo).repartition(blocks)
+    ds = ds.map_batches(ValidatePrompts, fn_constructor_kwargs={"cfg_dict": cfg_dict},
+                        compute=ActorPoolStrategy(size=job.validators), num_cpus=job.cpu_stage_cpus,
+                        batch_size=256, batch_format="numpy")
+    ds = ds.map_batches(GenerateScenes, fn_constructor_kwargs={"cfg_dict": cfg_dict},
+                        compute=ActorPoolStrategy(size=job.actors), num_gpus=job.gpus_per_actor or None,
+                        num_cpus=job.cpus_per_actor, batch_size=job.batch_size, batch_format="numpy")
+    ds = ds.map_batches(write_scenes, fn_kwargs={"output": job.output, "storage": cfg.storage.model_dump(),
+                                                 "ply_sh_degree": cfg.splats.ply_sh_degree},
+                        num_cpus=job.cpu_stage_cpus, batch_size=job.batch_size, batch_format="numpy")
+    return ds
+
+
+def run(cfg: Config) -> dict:
+    """Run (or resume) the job described by `cfg`; returns the summary."""
+    from vist3a.io import ensure_writable
+    from vist3a.io.prompts import read_prompts
+
+    job = cfg.generate
+    t0 = time.perf_counter()
+    ensure_writable(job.output, cfg.storage)
+    table, stats = read_prompts(job.input, cfg.storage)
+    if job.limit:
+        table = table.slice(0, job.limit)
+    skip = recorded_ids(job.output, cfg.storage, include_failed=not job.retry_failed)
+    mask = pa.array([i not in skip for i in table.column("id").to_pylist()], pa.bool_())
+    todo = table.filter(mask)
+    print(f"[generate] {stats['rows']} rows in {stats['files']} file(s): {table.num_rows} unique "
+          f"({stats['duplicates']} duplicates collapsed), {table.num_rows - todo.num_rows} already recorded, "
+          f"{todo.num_rows} to do -> {job.output}", flush=True)
+    progress = Progress(todo.num_rows, job.progress_every_s)
+    if todo.num_rows:
+        init_ray(cfg)
+        for batch in build_dataset(cfg, todo).iter_batches(batch_size=None, batch_format="numpy"):
+            progress.update(batch)
+    manifest = compact_manifest(job.output, cfg.storage)
+    status = manifest.column("status").to_pylist()
+    summary = {
+        "output": job.output,
+        "this_run": {"done": progress.done, "failed": progress.failed, "seconds": round(time.perf_counter() - t0, 2),
+                     "scenes_per_s": round(progress.done / max(time.perf_counter() - progress.t0, 1e-9), 4)},
+        "manifest": {"rows": manifest.num_rows, "done": status.count("done"), "failed": status.count("failed")},
+        "failures_by_reason": dict(progress.reasons),
+        "duplicates_collapsed": stats["duplicates"],
+    }
+    print(f"[generate] finished: {progress.line()}", flush=True)
+    print(f"[generate] manifest: {summary['manifest']['rows']} rows ({summary['manifest']['done']} done, "
+          f"{summary['manifest']['failed']} failed) at {job.output}/manifest.parquet", flush=True)
+    if progress.reasons:
+        print("[generate] failures by reason: " + ", ".join(f"{k}: {v}" for k, v in progress.reasons.most_common()), flush=True)
+    return summary
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.generate",
+        description="Turn a prompt set into a 3D Gaussian-splat dataset on Ray Data (resumable, exactly once).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""\
+input: .txt (one prompt a line), .jsonl / .csv / .parquet (column prompt; optional id, seed,
+negative_prompt), as a file, a glob, a directory or an s3:// prefix. Ids come from the content
+when absent (equal prompts collapse to one id); seeds derive from ids when absent.
+
+output (generate.output):  scenes/<shard>/<id>.ply|.png|.cameras.json|.meta.json and
+manifest.parquet (id, prompt, seed, status, error, scene_uri, num_gaussians, bbox, timings, ...).
+Rerun the same command to resume: completed ids are skipped; failed ones too unless
+--set generate.retry_failed=true.
+
+examples:
+  python -m pipelines.generate --config deploy/generate.yaml
+  python -m pipelines.generate --config deploy/generate.yaml --set generate.input=prompts.jsonl --set generate.limit=100
+  ray job submit --working-dir . -- python -m pipelines.generate --config deploy/generate.cluster.yaml
+""")
+    p.add_argument("--config", default="deploy/generate.yaml", help="YAML config (default: %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override one config key (repeatable), e.g. --set generate.actors=4")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run(cfg)
+    except (ConfigError, FileNotFoundError, PermissionError, ValueError) as exc:
+        print(f"generate: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,427 @@
+"""Text -> 3D scene over HTTP on Ray Serve: a FastAPI ingress in front of a batched model deployment.
+
+    serve run deploy/serve.yaml                    # local: http://127.0.0.1:8000/ (viewer), /docs (OpenAPI)
+    serve deploy deploy/serve.cluster.yaml         # a running Ray cluster (GPU replicas, API key, S3 store)
+
+The story of a request:
+  1. POST /v1/scenes  the ingress (`SceneAPI`) checks the key, the body size, the fields and the
+     prompt's token limit, and how many scenes it has accepted but not finished; then it writes a
+     `queued` record to the store, starts a background call to the model and answers 202 + id.
+  2. `SceneModel` (one per GPU) gathers the calls that arrive together with @serve.batch, runs one
+     generator batch, writes scene.ply / preview.png / cameras.json / meta.json and the final record
+     (`done`, or `failed` with the reason) to the store. A failing batch is retried item by item,
+     and nothing a request carries can take the replica down.
+  3. GET /v1/scenes/{id} and its files are answered from the store, so any ingress replica can answer.
+
+The model math lives in `vist3a` (SceneGenerator); this module is the service around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+from ray import serve
+from ray.serve.config import BackpressureConfig
+
+from vist3a.config import Config, ConfigError, build_config, load_config
+from vist3a.io import is_s3
+from vist3a.io.scene_store import SCENE_FILES, SceneStore, is_scene_id, new_scene_id
+
+log = logging.getLogger("vist3a.serve")
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+# Browser packages installed by `npm install` (Makefile `venv`); never committed, never from a CDN.
+NODE_MODULES = Path(os.environ.get("VIST3A_NODE_MODULES", Path(__file__).resolve().parents[1] / "node_modules"))
+VENDOR_ROOTS = {"three": "three", "spark": "@sparkjsdev/spark/dist"}
+API_KEY_HEADER = "X-API-Key"
+
+
+# ----------------------------------------------------------------------------- request body
+
+
+class SceneRequest(BaseModel):
+    """POST /v1/scenes. Limits that depend on the deployment (steps, guidance, the prompt's token
+    count) are checked against the config passed as validation context."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: StrictStr = Field(..., description="what to generate; at most the text encoder's token limit",
+                              examples=["a red barn in a snowy field"])
+    seed: StrictInt | None = Field(None, ge=0, lt=2**31, description="default: derived from the prompt")
+    steps: StrictInt | None = Field(None, ge=1, description="sampling steps (default from the config; at most serve.max_steps)")
+    guidance: float | None = Field(None, ge=0.0, description="classifier-free guidance (at most serve.max_guidance)")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str, info: ValidationInfo) -> str:
+        check = (info.context or {}).get("check_prompt")
+        reason = check(v) if check else (None if v.strip() else "prompt is empty")
+        if reason:
+            raise PydanticCustomError("prompt_invalid", reason)
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: int | None, info: ValidationInfo) -> int | None:
+        limit = (info.context or {}).get("max_steps")
+        if v is not None and limit is not None and v > limit:
+            raise PydanticCustomError("too_many_steps", "steps must be at most {limit}", {"limit": limit})
+        return v
+
+    @field_validator("guidance")
+    @classmethod
+    def _guidance(cls, v: float | None, info: ValidationInfo) -> float | None:
+        limit = (info.context or {}).get("max_guidance")
+        if v is not None and limit is not None and v > limit:
+            raise PydanticCustomError("guidance_too_large", "guidance must be at most {limit}", {"limit": limit})
+        return v
+
+
+def validation_response(err: ValidationError) -> JSONResponse:
+    """422 in FastAPI's shape (`detail[].loc` names the field) plus one readable `message`."""
+    detail = [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in err.errors(include_url=False)]
+    message = "; ".join(f"{'.'.join(str(p) for p in d['loc'])}: {d['msg']}" for d in detail)
+    return JSONResponse({"detail": detail, "message": message}, status_code=422)
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+# ----------------------------------------------------------------------------- model side
+
+
+def run_batch(generator, store: SceneStore, jobs: list[dict], ply_sh_degree: int = 3) -> list[dict]:
+    """Generate `jobs` (dicts: id, prompt, seed, steps, guidance) and record each as done or failed.
+
+    One generator call per distinct (steps, guidance) group; a group that raises is retried one
+    job at a time so a single bad item fails alone. Never raises: the outcome is in the records."""
+    from vist3a.generator import scene_files
+
+    outcomes: dict[str, dict] = {}
+    for job in jobs:
+        store.put_status(job["id"], "running", batch_size=len(jobs))
+    groups: dict[tuple, list[dict]] = {}
+    for job in jobs:
+        groups.setdefault((job.get("steps"), job.get("guidance")), []).append(job)
+
+    def generate(group: list[dict]) -> list:
+        steps, guidance = group[0].get("steps"), group[0].get("guidance")
+        return generator.generate([j["prompt"] for j in group], [int(j["seed"]) for j in group],
+                                  steps=steps, guidance=guidance)
+
+    for group in groups.values():
+        t0 = time.perf_counter()
+        try:
+            results = list(zip(group, generate(group)))
+        except Exception:  # noqa: BLE001 - find the failing item(s)
+            results = []
+            for job in group:
+                try:
+                    results.append((job, generate([job])[0]))
+                except Exception as exc:  # noqa: BLE001 - recorded; the replica goes on
+                    outcomes[job["id"]] = {"status": "failed", "reason": f"generation failed: {type(exc).__name__}: {exc}"[:500]}
+        seconds = (time.perf_counter() - t0) / max(len(group), 1)
+        for job, scene in results:
+            try:
+                meta = generator.meta(scene)
+                names = store.put_files(job["id"], scene_files(scene, meta, ply_sh_degree))
+                outcomes[job["id"]] = {"status": "done", "result": {
+                    "num_gaussians": meta["num_gaussians"], "bbox_min": meta["bbox_min"], "bbox_max": meta["bbox_max"],
+                    "files": names, "generate_s": round(seconds, 3), "timings": meta["timings"]}}
+            except Exception as exc:  # noqa: BLE001
+                outcomes[job["id"]] = {"status": "failed", "reason": f"writing results failed: {type(exc).__name__}: {exc}"[:500]}
+    out = []
+    for job in jobs:
+        o = outcomes[job["id"]]
+        try:
+            store.put_status(job["id"], o["status"], **{k: v for k, v in o.items() if k != "status"})
+        except Exception as exc:  # noqa: BLE001 - the ingress records it as failed from the returned outcome
+            o = {"status": "failed", "reason": f"store unavailable: {type(exc).__name__}: {exc}"[:500]}
+        out.append({"id": job["id"], **o})
+    return out
+
+
+@serve.deployment(name="SceneModel", max_ongoing_requests=8, max_queued_requests=64,
+                  ray_actor_options={"num_cpus": 1})
+class SceneModel:
+    """One model replica: loads the generator once; `generate` is batched across concurrent callers."""
+
+    def __init__(self, cfg: dict):
+        import ray
+        import torch
+
+        from vist3a.generator import SceneGenerator
+
+        self.cfg = Config.model_validate(cfg)
+        if self.cfg.runtime.torch_threads is None and not torch.cuda.is_available():
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+            torch.set_num_threads(max(1, int(round(cpus))))
+        self.generator = SceneGenerator(self.cfg)
+        self.store = SceneStore(self.cfg.serve.store, self.cfg.storage)
+        self.generate.set_max_batch_size(self.cfg.serve.batch_max_size)
+        self.generate.set_batch_wait_timeout_s(self.cfg.serve.batch_wait_timeout_s)
+        self.batch_sizes: list[int] = []
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def generate(self, jobs: list[dict]) -> list[dict]:
+        self.batch_sizes.append(len(jobs))
+        # In a thread: the replica's event loop keeps answering health checks and queueing callers.
+        return await asyncio.to_thread(run_batch, self.generator, self.store, jobs, self.cfg.splats.ply_sh_degree)
+
+    def stats(self) -> dict:
+        """Batch sizes seen so far (the benchmark reports them)."""
+        return {"batches": len(self.batch_sizes), "items": sum(self.batch_sizes), "batch_sizes": list(self.batch_sizes)}
+
+
+# ----------------------------------------------------------------------------- HTTP side
+
+app = FastAPI(
+    title="vist3a",
+    version="1",
+    description="Text to 3D Gaussian-splat scenes. POST a prompt, poll the status, fetch the .ply. "
+                "When the server has an API key, send it in the X-API-Key header.",
+)
+
+
+@serve.deployment(name="SceneAPI", max_ongoing_requests=64, max_queued_requests=128,
+                  backpressure_config=BackpressureConfig(status_code=503, retry_after_s=5),
+                  ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(app)
+class SceneAPI:
+    """HTTP ingress: validation, admission (queue limit), status and files from the store, the viewer page."""
+
+    def __init__(self, model, cfg: dict):
+        from vist3a.video import check_prompt, load_tokenizer
+
+        self.model = model
+        self.cfg = Config.model_validate(cfg)
+        s = self.cfg.serve
+        self.store = SceneStore(s.store, self.cfg.storage)
+        self.api_key = None
+        if s.api_key_env:
+            self.api_key = os.environ.get(s.api_key_env)
+            if not self.api_key:  # fail closed: a configured key that is missing must not open the API
+                raise RuntimeError(f"serve.api_key_env names {s.api_key_env!r}, but that environment variable is unset or empty")
+        tokenizer = load_tokenizer(self.cfg.model.video)
+        limit = self.cfg.model.video.text_encoder.max_length
+        self.context = {"check_prompt": lambda p: check_prompt(tokenizer, p, limit),
+                        "max_steps": s.max_steps, "max_guidance": s.max_guidance}
+        self.pending: dict[str, asyncio.Task | None] = {}   # accepted, not finished (this replica)
+        self.last_retention = 0.0
+        self.housekeeping: asyncio.Task | None = None
+
+    # -- helpers
+
+    def _unauthorized(self, request: Request) -> JSONResponse | None:
+        if self.api_key is None:
+            return None
+        given = request.headers.get(API_KEY_HEADER, "")
+        if hmac.compare_digest(given.encode(), self.api_key.encode()):
+            return None
+        return error(401, f"missing or wrong {API_KEY_HEADER} header", {"WWW-Authenticate": API_KEY_HEADER})
+
+    async def _read_body(self, request: Request) -> bytes | JSONResponse:
+        limit = self.cfg.serve.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return error(413, f"request body is {declared} bytes, over the limit of {limit}")
+        body = bytearray()
+        async for chunk in request.stream():  # also bounds bodies sent without Content-Length
+            body += chunk
+            if len(body) > limit:
+                return error(413, f"request body is over the limit of {limit} bytes")
+        return bytes(body)
+
+    def _links(self, scene_id: str, record: dict) -> dict:
+        links = {"self": f"/v1/scenes/{scene_id}"}
+        for name in (record.get("result") or {}).get("files", []):
+            links[name] = f"/v1/scenes/{scene_id}/{name}"
+        return links
+
+    async def _generate(self, scene_id: str, job: dict) -> None:
+        """Background: call the model (waiting while its queue is full); record failures it cannot record itself."""
+        from ray.serve.exceptions import BackPressureError
+
+        try:
+            delay = 0.2
+            while True:
+                try:
+                    outcome = await self.model.generate.remote(job)
+                    break
+                except BackPressureError:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            if outcome.get("status") == "failed" and outcome.get("reason", "").startswith("store unavailable"):
+                await asyncio.to_thread(self.store.put_status, scene_id, "failed", reason=outcome["reason"])
+        except Exception as exc:  # noqa: BLE001 - e.g. the model replica died mid-batch
+            log.warning("scene %s failed outside the generator: %s", scene_id, exc)
+            try:
+                await asyncio.to_thread(self.store.put_status, scene_id, "failed",
+                                        reason=f"model call failed: {type(exc).__name__}: {exc}"[:500])
+            except Exception:  # noqa: BLE001
+                log.exception("could not record the failure of scene %s", scene_id)
+        finally:
+            self.pending.pop(scene_id, None)
+
+    def _maybe_apply_retention(self) -> None:
+        now = time.monotonic()
+        if now - self.last_retention < self.cfg.serve.retention_check_s:
+            return
+        self.last_retention = now
+        s = self.cfg.serve
+
+        async def apply():
+            try:
+                deleted = await asyncio.to_thread(self.store.apply_retention, s.retention_max_scenes, s.retention_hours)
+                if deleted:
+                    log.info("retention deleted %d scene(s)", len(deleted))
+            except Exception:  # noqa: BLE001 - retention is housekeeping; requests go on
+                log.exception("retention failed")
+
+        self.housekeeping = asyncio.get_running_loop().create_task(apply())  # referenced: not collected mid-run
+
+    # -- API
+
+    @app.post("/v1/scenes", status_code=202, summary="Request a scene (returns at once with an id)",
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": SceneRequest.model_json_schema()}}}},
+              responses={202: {"description": "accepted; poll the `self` link"}, 401: {"description": "API key"},
+                         413: {"description": "body too large"}, 422: {"description": "a field is invalid"},
+                         503: {"description": "queue full; retry after `Retry-After` seconds"}})
+    async def create_scene(self, request: Request):
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        body = await self._read_body(request)
+        if isinstance(body, JSONResponse):
+            return body
+        try:
+            req = SceneRequest.model_validate_json(body, context=self.context)
+        except ValidationError as err:
+            return validation_response(err)
+        s = self.cfg.serve
+        if len(self.pending) >= s.max_queued_generations:
+            return error(503, f"queue full: {len(self.pending)} scenes waiting; retry later",
+                         {"Retry-After": str(s.retry_after_s)})
+        scene_id = new_scene_id()
+        sampling = self.cfg.sampling
+        seed = req.seed if req.seed is not None else sampling.seed
+        if seed is None:
+            from vist3a.ids import seed_from
+
+            seed = seed_from(req.prompt)
+        job = {"id": scene_id, "prompt": req.prompt, "seed": seed,
+               "steps": req.steps or sampling.steps, "guidance": sampling.guidance if req.guidance is None else req.guidance}
+        # Reserve the slot before the first await so concurrent requests cannot overshoot the limit.
+        self.pending[scene_id] = None
+        try:
+            record = await asyncio.to_thread(self.store.put_status, scene_id, "queued",
+                                             request={k: v for k, v in job.items() if k != "id"})
+        except Exception as exc:  # noqa: BLE001
+            self.pending.pop(scene_id, None)
+            log.exception("store unavailable")
+            return error(503, f"result store unavailable: {type(exc).__name__}", {"Retry-After": str(s.retry_after_s)})
+        self.pending[scene_id] = asyncio.get_running_loop().create_task(self._generate(scene_id, job))
+        self._maybe_apply_retention()
+        return JSONResponse({"id": scene_id, "status": record["status"], "links": self._links(scene_id, record)},
+                            status_code=202, headers={"Location": f"/v1/scenes/{scene_id}"})
+
+    @app.get("/v1/scenes/{scene_id}", summary="Status of a scene: queued, running, done or failed (with reason)")
+    async def get_scene(self, scene_id: str, request: Request):
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        record = await asyncio.to_thread(self.store.get_status, scene_id) if is_scene_id(scene_id) else None
+        if record is None:
+            return error(404, f"no scene with id {scene_id!r}")
+        return {**record, "links": self._links(scene_id, record)}
+
+    @app.get("/v1/scenes/{scene_id}/{name}", summary="A result file: scene.ply, preview.png, cameras.json or meta.json")
+    async def get_scene_file(self, scene_id: str, name: str, request: Request):
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        if name not in SCENE_FILES or not is_scene_id(scene_id):
+            return error(404, f"no file {name!r} for scene {scene_id!r} (files: {', '.join(SCENE_FILES)})")
+        data = await asyncio.to_thread(self.store.read_file, scene_id, name)
+        if data is None:
+            record = await asyncio.to_thread(self.store.get_status, scene_id)
+            if record is None:
+                return error(404, f"no scene with id {scene_id!r}")
+            return error(404, f"{name} of scene {scene_id} is not available (status: {record['status']})")
+        return Response(data, media_type=SCENE_FILES[name],
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/healthz", summary="Liveness of this ingress replica")
+    async def healthz(self):
+        return {"status": "ok", "pending": len(self.pending), "max_queued_generations": self.cfg.serve.max_queued_generations,
+                "api_key_required": self.api_key is not None}
+
+    # -- viewer page
+
+    @app.get("/", include_in_schema=False)
+    async def index(self):
+        return FileResponse(WEB_DIR / "index.html", media_type="text/html")
+
+    @app.get("/vendor/{package}/{path:path}", include_in_schema=False)
+    async def vendor(self, package: str, path: str):
+        """three.js and Spark from node_modules (installed by `npm install`)."""
+        if package not in VENDOR_ROOTS:
+            return error(404, "unknown package")
+        root = (NODE_MODULES / VENDOR_ROOTS[package]).resolve()
+        target = (root / path).resolve()
+        if not target.is_relative_to(root) or not target.is_file():
+            hint = "" if root.is_dir() else " (browser packages not installed: run `npm install` in the repository)"
+            return error(404, f"not found: {package}/{path}{hint}")
+        media = "text/javascript" if target.suffix in (".js", ".mjs") else None
+        return FileResponse(target, media_type=media)
+
+
+# ----------------------------------------------------------------------------- building the application
+
+
+def config_from_args(args: dict[str, Any] | None) -> Config:
+    """The vist3a config from the Serve config file's `args`: `config` (a path or an inline mapping,
+    same schema as deploy/*.yaml) and `overrides` (list of `key.path=value`)."""
+    args = dict(args or {})
+    unknown = set(args) - {"config", "overrides"}
+    if unknown:
+        raise ConfigError(f"unknown application args: {', '.join(sorted(unknown))} (expected: config, overrides)")
+    source, overrides = args.get("config"), list(args.get("overrides") or [])
+    if source is None or isinstance(source, str):
+        return load_config(source, overrides)
+    if isinstance(source, dict):
+        return build_config(source, overrides, source="serve args.config")
+    raise ConfigError(f"args.config must be a path or a mapping, got {type(source).__name__}")
+
+
+def build_app(cfg: Config, model_options: dict | None = None, api_options: dict | None = None):
+    """The Serve application for `cfg`; the options override the deployments' defaults (tests, benchmarks)."""
+    if not is_s3(cfg.serve.store):  # replicas may run in another directory: pin a relative store here
+        cfg = cfg.model_copy(deep=True)
+        cfg.serve.store = os.path.abspath(os.path.expanduser(cfg.serve.store))
+    cfg_dict = cfg.model_dump(mode="json")
+    model = SceneModel.options(**(model_options or {})) if model_options else SceneModel
+    api = SceneAPI.options(**(api_options or {})) if api_options else SceneAPI
+    return api.bind(model.bind(cfg_dict), cfg_dict)
+
+
+def app_builder(args: dict[str, Any]):
+    """Entry point named by deploy/serve*.yaml (`import_path: pipelines.serve:app_builder`)."""
+    return build_app(config_from_args(args))
+
+
+def run_local(cfg: Config, host: str = "127.0.0.1", port: int = 8000, name: str = "vist3a",
+              model_options: dict | None = None, api_options: dict | None = None, blocking: bool = False):
+    """Start Serve on an already-initialised Ray and deploy the application (tests, benchmarks)."""
+    serve.start(http_options={"host": host, "port": port})
+    return serve.run(build_app(cfg, model_options, api_options), name=name, route_prefix="/", blocking=blocking)
+

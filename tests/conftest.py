@@ -1,0 +1,97 @@
+"""Shared fixtures: a real S3-compatible server on loopback (moto server mode) and one local Ray."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3 endpoint on 127.0.0.1; the AWS variables point s3fs (and pyarrow) at it, as a user would."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    import boto3
+
+    name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """One local Ray instance for the session (4 logical CPUs so actors and CPU stages fit on 2 cores)."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024**2,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")), runtime_env={"env_vars": {"PYTHONPATH": REPO}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_local, tmp_path_factory):
+    """The HTTP endpoint (pipelines.serve, tiny preset, fast settings) on 127.0.0.1:<free port>, no API key.
+
+    Small queue (4) so the 503 path is reachable; one cheap preview per scene to keep generation short."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from pipelines.serve import run_local
+    from vist3a.config import load_config
+
+    store = tmp_path_factory.mktemp("serve-store")
+    cfg = load_config(None, [
+        f"serve.store={store}", "sampling.steps=2", "splats.preview_views=1", "splats.preview_size=64",
+        "serve.max_queued_generations=4", "serve.batch_max_size=4", "serve.batch_wait_timeout_s=0.2",
+        "serve.max_steps=8", "serve.max_guidance=10", "serve.retry_after_s=3", "serve.max_body_bytes=4096",
+    ])
+    port = free_port()
+    run_local(cfg, port=port, model_options={"ray_actor_options": {"num_cpus": 0.5}},
+              api_options={"ray_actor_options": {"num_cpus": 0.25}})
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", cfg=cfg, store=str(store))
+    serve.shutdown()

@@ -1,0 +1,65 @@
+import pytest
+
+from vist3a.config import ConfigError, build_config, load_config
+
+
+def test_defaults_are_tiny():
+    cfg = load_config()
+    assert cfg.preset == "tiny"
+    assert cfg.sampling.frames == 5
+
+
+def test_deploy_local_yaml_is_valid():
+    cfg = load_config("deploy/local.yaml")
+    assert cfg.model.recon.img_size % cfg.model.recon.patch_size == 0
+
+
+def test_unknown_key_names_path():
+    with pytest.raises(ConfigError) as e:
+        build_config({"sampling": {"stpes": 4}})
+    assert "sampling.stpes" in str(e.value) and "unknown key" in str(e.value)
+
+
+def test_wrong_type_names_path_and_value():
+    with pytest.raises(ConfigError) as e:
+        build_config({"model": {"recon": {"embed_dim": "wide"}}})
+    msg = str(e.value)
+    assert "model.recon.embed_dim" in msg and "'wide'" in msg
+
+
+@pytest.mark.parametrize("data,path,value", [
+    ({"sampling": {"frames": 6}}, "sampling.frames", "6"),
+    ({"sampling": {"steps": 0}}, "sampling.steps", "0"),
+    ({"sampling": {"height": 70}}, "sampling.height", "70"),
+    ({"model": {"stitch": {"cut": "layer3"}}}, "model.stitch.cut", "'layer3'"),
+    ({"runtime": {"device": "tpu"}}, "runtime.device", "'tpu'"),
+])
+def test_bad_value_names_path_and_value(data, path, value):
+    with pytest.raises(ConfigError) as e:
+        build_config(data)
+    assert path in str(e.value) and value in str(e.value)
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(ConfigError) as e:
+        build_config({"preset": "huge"})
+    assert "preset" in str(e.value) and "'huge'" in str(e.value) and "tiny" in str(e.value)
+
+
+def test_overrides_apply_and_are_validated():
+    cfg = build_config({}, ["sampling.steps=7", "sampling.guidance=2.5", "splats.voxel_size=0.01"])
+    assert cfg.sampling.steps == 7 and cfg.sampling.guidance == 2.5 and cfg.splats.voxel_size == 0.01
+    with pytest.raises(ConfigError) as e:
+        build_config({}, ["sampling.nope=1"])
+    assert "sampling.nope" in str(e.value)
+    with pytest.raises(ConfigError):
+        build_config({}, ["sampling.steps"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sampling: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)

@@ -1,0 +1,42 @@
+import pyarrow.parquet as pq
+
+from vist3a.dataset import (MANIFEST_SCHEMA, compact_manifest, empty_manifest_row, read_manifest, recorded_ids,
+                            scene_uri, shard_of, write_manifest_part, write_scene)
+from vist3a.io import read_bytes
+
+
+def _row(i, status="done"):
+    r = empty_manifest_row()
+    r.update(id=i, prompt=f"p {i}", negative_prompt="", seed=1, status=status)
+    return r
+
+
+def test_parts_dedupe_and_prefer_done(tmp_path):
+    out = str(tmp_path)
+    write_manifest_part(out, [_row("a", "failed"), _row("b")])
+    write_manifest_part(out, [_row("a"), _row("c", "failed")])
+    write_manifest_part(out, [_row("b")])  # a retried batch: same id again
+    table = read_manifest(out)
+    assert sorted(table.column("id").to_pylist()) == ["a", "b", "c"]
+    status = dict(zip(table.column("id").to_pylist(), table.column("status").to_pylist()))
+    assert status == {"a": "done", "b": "done", "c": "failed"}
+    assert recorded_ids(out) == {"a", "b", "c"}
+    assert recorded_ids(out, include_failed=False) == {"a", "b"}
+    compact_manifest(out)
+    final = pq.read_table(tmp_path / "manifest.parquet")
+    assert final.schema.equals(MANIFEST_SCHEMA) and final.num_rows == 3
+
+
+def test_same_batch_rewrites_same_part(tmp_path):
+    a = write_manifest_part(str(tmp_path), [_row("x"), _row("y")])
+    b = write_manifest_part(str(tmp_path), [_row("y"), _row("x")])
+    assert a == b
+
+
+def test_scene_layout_local_and_s3(tmp_path, s3_bucket):
+    for out in (str(tmp_path), f"s3://{s3_bucket}/ds"):
+        uris = write_scene(out, "abc", {"scene.ply": b"ply", "meta.json": b"{}"})
+        assert uris["scene.ply"] == scene_uri(out, "abc") and uris["scene.ply"].endswith(f"scenes/{shard_of('abc')}/abc.ply")
+        assert read_bytes(uris["scene.ply"]) == b"ply"
+        write_manifest_part(out, [_row("abc")])
+        assert recorded_ids(out) == {"abc"}

@@ -1,0 +1,5 @@
+import sys
+
+from vist3a.cli import main
+
+sys.exit(main())

@@ -1,0 +1,346 @@
+"""The one config schema for every vist3a job, YAML loading, presets and command-line overrides.
+
+Every job (the `vist3a` CLI, `pipelines.generate`, `pipelines.serve`, ...) reads a `Config`.
+A YAML file names a `preset` (which fills in the model sections) and overrides single keys.
+Unknown keys, wrong types and bad values are refused before any work starts, with the
+dotted path of the key and the offending value in the message.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names every bad key path and value."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------- video side
+
+
+class TextEncoderConfig(Strict):
+    """UMT5-style encoder (Wan uses umt5-xxl). `tokenizer: byt5` needs no vocabulary file."""
+
+    tokenizer: Literal["byt5", "pretrained"] = "byt5"
+    vocab_size: int = Field(384, gt=0)
+    d_model: int = Field(32, gt=0)
+    d_ff: int = Field(64, gt=0)
+    d_kv: int = Field(8, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    max_length: int = Field(128, gt=0, description="prompt token limit; longer prompts are refused")
+
+
+class WanTransformerConfig(Strict):
+    """Arguments of diffusers' WanTransformer3DModel (names as diffusers spells them)."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = Field(2, gt=0)
+    attention_head_dim: int = Field(16, gt=0)
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = Field(32, gt=0)
+    freq_dim: int = Field(32, gt=0)
+    ffn_dim: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    rope_max_seq_len: int = 1024
+
+
+class WanVAEConfig(Strict):
+    """Arguments of diffusers' AutoencoderKLWan. z_dim is 16 for every released Wan 2.1 model."""
+
+    base_dim: int = Field(16, gt=0)
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = Field(1, gt=0)
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+
+
+class VideoModelConfig(Strict):
+    source: Literal["random", "pretrained"] = "random"
+    weights: str | None = Field(None, description="diffusers-format directory, s3:// prefix or hub id")
+    seed: int = Field(0, description="seed of the random weights (source: random)")
+    text_encoder: TextEncoderConfig = TextEncoderConfig()
+    transformer: WanTransformerConfig = WanTransformerConfig()
+    vae: WanVAEConfig = WanVAEConfig()
+    lora: str | None = Field(None, description="aligned LoRA checkpoint (directory or s3://) loaded into the transformer")
+
+
+# ----------------------------------------------------------------------------- reconstruction side
+
+
+class ReconConfig(Strict):
+    """A VGGT/AnySplat-family network: DINO-style patch encoder -> alternating-attention
+    aggregator -> camera, depth, point and Gaussian heads. Full size: VGGT-1B / AnySplat."""
+
+    source: Literal["random", "pretrained"] = "random"
+    weights: str | None = None
+    seed: int = 1
+    img_size: int = Field(64, gt=0, description="square input size the network is run at")
+    patch_size: int = Field(8, gt=0)
+    embed_dim: int = Field(32, gt=0)
+    encoder_depth: int = Field(4, gt=0, description="DINO blocks in the patch encoder (cut points blocks.0..N-1)")
+    encoder_heads: int = Field(2, gt=0)
+    num_registers: int = Field(4, ge=0)
+    mlp_ratio: float = Field(4.0, gt=0)
+    aggregator_depth: int = Field(2, gt=0, description="alternating frame/global attention layers")
+    aggregator_heads: int = Field(2, gt=0)
+    camera_iters: int = Field(2, gt=0)
+    camera_trunk_depth: int = Field(1, gt=0)
+    dpt_features: int = Field(16, gt=0)
+    dpt_out_channels: tuple[int, int, int, int] = (8, 16, 32, 32)
+    dpt_layers: tuple[int, int, int, int] | None = Field(
+        None, description="aggregator layers feeding the DPT heads; default spreads them over the depth"
+    )
+    sh_degree: int = Field(1, ge=0, le=4)
+    heads: tuple[Literal["camera", "depth", "points", "gaussians"], ...] = ("camera", "depth", "points", "gaussians")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ReconConfig":
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        for name, dim, heads in (("encoder_heads", self.embed_dim, self.encoder_heads),
+                                 ("aggregator_heads", self.embed_dim, self.aggregator_heads)):
+            if dim % heads:
+                raise ValueError(f"embed_dim {dim} is not divisible by {name} {heads}")
+        if self.dpt_layers is not None and max(self.dpt_layers) >= self.aggregator_depth:
+            raise ValueError(f"dpt_layers {self.dpt_layers} reach past aggregator_depth {self.aggregator_depth}")
+        return self
+
+
+class StitchConfig(Strict):
+    spec: str = Field("conv3d_k3x3x3_o32_s1x1x1_p1x1x1", description="stitching layer, conv{1|2|3}d_k<K>_o<C>[_s<S>][_p<P>][_d<D>]")
+    cut: str = Field("blocks.1", description="cut point of the reconstruction network")
+    weights: str | None = Field(None, description="stitching layer (+ LoRA) checkpoint; random init when absent")
+    seed: int = 2
+
+    @field_validator("cut")
+    @classmethod
+    def _cut(cls, v: str) -> str:
+        head, _, idx = v.partition(".")
+        if head != "blocks" or not idx.isdigit():
+            raise ValueError(f"cut must look like 'blocks.N', got {v!r}")
+        return v
+
+
+class ModelConfig(Strict):
+    video: VideoModelConfig = VideoModelConfig()
+    recon: ReconConfig = ReconConfig()
+    stitch: StitchConfig = StitchConfig()
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+class SamplingConfig(Strict):
+    steps: int = Field(4, ge=1, le=1000)
+    guidance: float = Field(5.0, ge=0.0, le=50.0, description="classifier-free guidance scale; <= 1 disables CFG")
+    shift: float = Field(5.0, gt=0.0, description="flow-matching timestep shift")
+    frames: int = Field(5, ge=1, description="video frames T; must be 4k+1 (Wan VAE 4x time compression)")
+    height: int = Field(64, ge=16)
+    width: int = Field(64, ge=16)
+    negative_prompt: str = ""
+    seed: int | None = Field(None, description="default seed when a request gives none; None derives it from the prompt")
+
+    @field_validator("frames")
+    @classmethod
+    def _frames(cls, v: int) -> int:
+        if (v - 1) % 4:
+            raise ValueError(f"frames must be 4k+1 (e.g. 5, 9, 13, 49), got {v}")
+        return v
+
+    @field_validator("height", "width")
+    @classmethod
+    def _mult16(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"must be a multiple of 16 (VAE 8x and transformer patch 2x), got {v}")
+        return v
+
+
+class SplatOutputConfig(Strict):
+    voxel_size: float | None = Field(None, gt=0, description="merge pixel-aligned Gaussians per voxel (world units); None keeps all")
+    min_opacity: float = Field(0.0, ge=0.0, lt=1.0, description="drop Gaussians below this opacity")
+    ply_sh_degree: int = Field(3, ge=0, le=3, description="SH degree written to .ply (viewers read <= 3)")
+    preview_views: int = Field(4, ge=0, le=64)
+    preview_size: int = Field(256, ge=16, le=4096)
+
+
+class RuntimeConfig(Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    torch_threads: int | None = Field(None, ge=1)
+    renderer: Literal["auto", "torch", "gsplat"] = "auto"
+
+
+class StorageConfig(Strict):
+    """How s3:// URIs are reached. Unset fields fall back to the usual AWS variables/config."""
+
+    s3_endpoint: str | None = Field(None, description="e.g. http://127.0.0.1:9000 for MinIO; default AWS_ENDPOINT_URL")
+    s3_region: str | None = None
+    cache_dir: str = Field("~/.cache/vist3a", description="local cache for weights fetched from s3://")
+
+
+class RayConfig(Strict):
+    """How a pipeline reaches Ray. address None starts a local instance; 'auto' joins the cluster it runs on."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1, description="local instance only; default: all cores")
+    object_store_mb: int | None = Field(None, ge=64, description="local instance only")
+    progress_bars: bool = True
+
+
+class GenerateJobConfig(Strict):
+    """pipelines.generate: prompt set in, scenes + Parquet manifest out (resumable)."""
+
+    input: str = Field("deploy/prompts/demo.txt", description="prompt file, glob, directory or s3:// prefix")
+    output: str = Field("out/dataset", description="output directory or s3:// prefix")
+    limit: int | None = Field(None, ge=1, description="only the first N unique prompts (for trials)")
+    actors: int = Field(1, ge=1, description="generator actors (model replicas)")
+    gpus_per_actor: float = Field(0.0, ge=0.0)
+    cpus_per_actor: float = Field(1.0, gt=0.0)
+    batch_size: int = Field(2, ge=1, description="prompts per generator call")
+    cpu_stage_cpus: float = Field(0.25, gt=0.0, description="CPU share of each validation / writing task")
+    validators: int = Field(1, ge=1, description="prompt-validation actors (tokenizer only)")
+    retry_failed: bool = Field(False, description="regenerate ids recorded as failed by an earlier run")
+    progress_every_s: float = Field(10.0, gt=0.0)
+
+
+class ServeJobConfig(Strict):
+    """pipelines.serve: the HTTP endpoint. Serve's own deployment options live in the Serve config file."""
+
+    store: str = Field("out/serve-store", description="where results are kept: directory or s3:// prefix")
+    retention_max_scenes: int = Field(1000, ge=1, description="oldest results are deleted past this count")
+    retention_hours: float | None = Field(24.0, gt=0, description="results older than this are deleted")
+    max_body_bytes: int = Field(16384, ge=256, description="larger request bodies are refused (413)")
+    max_steps: int = Field(100, ge=1, description="largest `steps` a request may ask for")
+    max_guidance: float = Field(20.0, ge=0.0)
+    api_key_env: str | None = Field(None, description="name of the environment variable holding the API key; None: no key")
+    batch_max_size: int = Field(4, ge=1, description="@serve.batch: prompts per generator call")
+    batch_wait_timeout_s: float = Field(0.05, ge=0.0)
+    max_queued_generations: int = Field(32, ge=1, description="accepted-but-unfinished scenes; past this POST answers 503")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After (seconds) sent with 503 when the queue is full")
+    retention_check_s: float = Field(60.0, gt=0, description="how often (at most) an ingress replica applies the retention limits")
+
+
+class Config(Strict):
+    preset: str = "tiny"
+    model: ModelConfig = ModelConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    splats: SplatOutputConfig = SplatOutputConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+    generate: GenerateJobConfig = GenerateJobConfig()
+    serve: ServeJobConfig = ServeJobConfig()
+
+    @model_validator(mode="after")
+    def _check_cross(self) -> "Config":
+        if self.model.video.transformer.text_dim != self.model.video.text_encoder.d_model and self.model.video.source == "random":
+            raise ValueError(
+                f"model.video.transformer.text_dim ({self.model.video.transformer.text_dim}) must equal "
+                f"model.video.text_encoder.d_model ({self.model.video.text_encoder.d_model})"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Small configs with seeded random weights: the whole path on a CPU in seconds.
+    "tiny": {},
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        value = e.get("input")
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"  {path}: {msg} (got {shown})")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=VALUE` -> (["a","b","c"], yaml-parsed VALUE)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+    return key.split("."), value
+
+
+def build_config(data: dict | None = None, overrides: list[str] | tuple[str, ...] = (), source: str = "<dict>") -> Config:
+    """Validate `data` (a YAML mapping) on top of its preset, then apply `key.path=value` overrides."""
+    data = copy.deepcopy(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config ({source}): top level must be a mapping, got {type(data).__name__}")
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for p in path[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    preset = data.get("preset", "tiny")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ConfigError(
+            f"invalid config ({source}):\n  preset: unknown preset (got {preset!r}); choose one of {', '.join(preset_names())}"
+        )
+    merged = _deep_merge(PRESETS[preset], data)
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config file (None: the embedded default, the tiny preset) with overrides."""
+    if path is None:
+        return build_config({}, overrides, source="defaults")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML in {p}: {exc}") from None
+    return build_config(data, overrides, source=str(p))

@@ -1,0 +1,169 @@
+"""Text -> 3D scene: the whole VIST3A path behind one object that loads its models once.
+
+`SceneGenerator(cfg).generate(prompts, seeds)` runs the sampler, the stitched decoder and the
+preview renderer on a batch; `scene_files(scene)` turns a scene into the bytes of its output
+files; `generate_scene(...)` does both for one prompt. Pipelines (Ray Data, Serve) call these.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+
+import torch
+from PIL import Image
+
+from vist3a.config import Config, load_config
+from vist3a.ids import fingerprint, seed_from
+from vist3a.splats.gaussians import Cameras, Gaussians
+from vist3a.splats.ply import ply_bytes
+from vist3a.splats.preview import png_bytes, render_previews, save_preview_grid
+
+PACKAGES = ("vist3a", "torch", "diffusers", "transformers", "peft", "gsplat", "numpy")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+    return torch.device(name)
+
+
+@dataclass
+class Scene:
+    prompt: str
+    seed: int
+    gaussians: Gaussians
+    cameras: Cameras                 # the cameras the decoder predicted for the generated views
+    previews: list[Image.Image]
+    timings: dict[str, float] = field(default_factory=dict)
+    negative_prompt: str = ""
+
+    @property
+    def num_gaussians(self) -> int:
+        return len(self.gaussians)
+
+    def bbox(self) -> tuple[list[float], list[float]]:
+        lo, hi = self.gaussians.bbox()
+        return [float(v) for v in lo], [float(v) for v in hi]
+
+
+class SceneGenerator:
+    """Loads the video model, the reconstruction network and the stitching layer once; generates batches."""
+
+    def __init__(self, cfg: Config | None = None):
+        from vist3a.models import build_stitched_decoder, build_video
+
+        self.cfg = cfg or load_config()
+        if self.cfg.runtime.torch_threads:
+            torch.set_num_threads(self.cfg.runtime.torch_threads)
+        self.device = resolve_device(self.cfg.runtime.device)
+        self.dtype = getattr(torch, self.cfg.runtime.dtype)
+        t0 = time.perf_counter()
+        self.video = build_video(self.cfg, self.device, self.dtype)
+        self.decoder = build_stitched_decoder(self.cfg, self.video, self.device)
+        self.load_seconds = time.perf_counter() - t0
+        self.fingerprint = fingerprint(self.cfg.model.model_dump())
+
+    def check_prompt(self, prompt) -> str | None:
+        """None when the prompt can be generated, else the reason it cannot (for validation before GPU time)."""
+        return self.video.check_prompt(prompt)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int] | None = None, negative_prompts: list[str] | None = None,
+                 steps: int | None = None, guidance: float | None = None) -> list[Scene]:
+        s = self.cfg.sampling
+        if seeds is None:
+            seeds = [s.seed if s.seed is not None else seed_from(p) for p in prompts]
+        if negative_prompts is None:
+            negative_prompts = [s.negative_prompt] * len(prompts)
+        if not (len(prompts) == len(seeds) == len(negative_prompts)):
+            raise ValueError("prompts, seeds and negative_prompts must have the same length")
+        for p in prompts:
+            reason = self.check_prompt(p)
+            if reason:
+                raise ValueError(f"prompt {p!r:.60}: {reason}")
+        n = len(prompts)
+        t0 = time.perf_counter()
+        latents = self.video.sample(
+            prompts, seeds, steps=steps or s.steps, guidance=s.guidance if guidance is None else guidance,
+            shift=s.shift, frames=s.frames, height=s.height, width=s.width, negative_prompts=negative_prompts,
+        )
+        t1 = time.perf_counter()
+        o = self.cfg.splats
+        decoded = self.decoder(latents, voxel_size=o.voxel_size, min_opacity=o.min_opacity)
+        t2 = time.perf_counter()
+        scenes = []
+        for i in range(n):
+            g = decoded.gaussians[i].detach()
+            t_r = time.perf_counter()
+            previews = render_previews(g, o.preview_views, o.preview_size, backend=self.cfg.runtime.renderer) if o.preview_views else []
+            render_s = time.perf_counter() - t_r
+            scenes.append(Scene(
+                prompt=prompts[i], seed=int(seeds[i]), negative_prompt=negative_prompts[i],
+                gaussians=g.to("cpu"), cameras=decoded.cameras[i].to("cpu"),
+                previews=previews,
+                timings={"sample_s": (t1 - t0) / n, "decode_s": (t2 - t1) / n, "render_s": render_s},
+            ))
+        return scenes
+
+    def meta(self, scene: Scene) -> dict:
+        lo, hi = scene.bbox()
+        return {
+            "prompt": scene.prompt,
+            "negative_prompt": scene.negative_prompt,
+            "seed": scene.seed,
+            "preset": self.cfg.preset,
+            "weights_fingerprint": self.fingerprint,
+            "sampling": self.cfg.sampling.model_dump(),
+            "num_gaussians": scene.num_gaussians,
+            "bbox_min": lo,
+            "bbox_max": hi,
+            "timings": scene.timings,
+            "device": str(self.device),
+            "versions": package_versions(),
+        }
+
+
+def scene_files(scene: Scene, meta: dict, ply_sh_degree: int = 3) -> dict[str, bytes]:
+    """The files of one scene, as bytes: scene.ply (INRIA layout), preview.png, cameras.json, meta.json."""
+    files = {
+        "scene.ply": ply_bytes(scene.gaussians, sh_degree=ply_sh_degree),
+        "cameras.json": json.dumps(scene.cameras.to_json(), indent=1).encode(),
+        "meta.json": json.dumps(meta, indent=1).encode(),
+    }
+    if scene.previews:
+        files["preview.png"] = png_bytes(save_preview_grid(scene.previews))
+    return files
+
+
+def generate_scene(prompt: str, out: str | None = None, config: Config | str | None = None, seed: int | None = None,
+                   generator: SceneGenerator | None = None) -> Scene:
+    """Generate one scene; with `out` (a directory path or s3:// prefix) also write its files there."""
+    from vist3a.io import join, write_bytes
+
+    if generator is None:
+        cfg = config if isinstance(config, Config) else load_config(config)
+        generator = SceneGenerator(cfg)
+    t0 = time.perf_counter()
+    scene = generator.generate([prompt], None if seed is None else [seed])[0]
+    scene.timings["total_s"] = time.perf_counter() - t0
+    if out is not None:
+        meta = generator.meta(scene)
+        for name, data in scene_files(scene, meta, generator.cfg.splats.ply_sh_degree).items():
+            write_bytes(join(out, name), data, generator.cfg.storage)
+    return scene

@@ -1,0 +1,109 @@
+"""Local paths and s3:// URIs behind one small API, with atomic writes.
+
+A reader never sees a half-written file: locally we write a temporary sibling and rename it
+over the target; on S3 the object appears with a single PUT of the complete bytes.
+S3 endpoint and region come from `StorageConfig` or the usual AWS variables
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), so MinIO and test servers work like AWS.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from functools import lru_cache
+from pathlib import Path
+
+import fsspec
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    base = str(base)
+    if is_s3(base):
+        return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])
+    return str(Path(base, *parts))
+
+
+@lru_cache(maxsize=8)
+def _s3(endpoint: str | None, region: str | None):
+    import s3fs
+
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    client_kwargs = {}
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    if region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"):
+        client_kwargs["region_name"] = region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    # No listing cache: resume logic must see objects written by other processes.
+    return s3fs.S3FileSystem(client_kwargs=client_kwargs, use_listings_cache=False, skip_instance_cache=True)
+
+
+def filesystem(uri: str, storage=None):
+    """(fsspec filesystem, path inside it) for a URI. `storage` is a StorageConfig or None."""
+    uri = str(uri)
+    if is_s3(uri):
+        fs = _s3(getattr(storage, "s3_endpoint", None), getattr(storage, "s3_region", None))
+        return fs, uri[len("s3://"):]
+    return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(uri))
+
+
+def write_bytes(uri: str, data: bytes, storage=None) -> None:
+    """Atomically write `data` to `uri` (temp + rename locally; one PUT on S3)."""
+    fs, path = filesystem(uri, storage)
+    if is_s3(uri):
+        fs.pipe_file(path, data)
+        return
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs should be readable like any file
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_text(uri: str, text: str, storage=None) -> None:
+    write_bytes(uri, text.encode("utf-8"), storage)
+
+
+def read_bytes(uri: str, storage=None) -> bytes:
+    fs, path = filesystem(uri, storage)
+    return fs.cat_file(path)
+
+
+def read_text(uri: str, storage=None) -> str:
+    return read_bytes(uri, storage).decode("utf-8")
+
+
+def exists(uri: str, storage=None) -> bool:
+    fs, path = filesystem(uri, storage)
+    return fs.exists(path)
+
+
+def ensure_writable(uri: str, storage=None) -> None:
+    """Fail early, with the URI in the message, when outputs could not be written there."""
+    probe = join(uri, f".write-probe-{uuid.uuid4().hex}")
+    try:
+        write_bytes(probe, b"", storage)
+        fs, path = filesystem(probe, storage)
+        fs.rm_file(path)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not writable" to the user
+        raise PermissionError(f"output location is not writable: {uri} ({type(exc).__name__}: {exc})") from None

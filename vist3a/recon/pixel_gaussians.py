@@ -1,0 +1,83 @@
+"""Pixel-aligned Gaussians from a ReconOutput (AnySplat's recipe).
+
+One Gaussian per pixel and view, centred on the depth unprojected through the predicted camera.
+Optionally merged per voxel (confidence-softmax weighted mean of the raw parameters), then
+activated: opacity sigmoid, scale 0.001*softplus clamped at 0.3, rotation normalised (the head
+predicts x,y,z,w; Gaussians store w,x,y,z), SH degree l scaled by 0.1*0.25^l (DC unscaled).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vist3a.recon.geometry import rigid_inverse, unproject_depth
+from vist3a.splats.gaussians import Gaussians
+
+
+def voxel_merge(points: Tensor, feats: Tensor, conf: Tensor, voxel_size: float) -> tuple[Tensor, Tensor]:
+    """Merge the points [N,3] (and their features [N,F]) that share a voxel round(p / voxel_size)
+    into one, weighted by softmax(conf) within the voxel -> ([M,3], [M,F]), M <= N."""
+    keys = torch.round(points.detach() / voxel_size).long()
+    _, voxel = torch.unique(keys, dim=0, return_inverse=True)
+    m = int(voxel.max()) + 1
+    # Softmax per voxel; the per-voxel max only stabilises exp, so it needs no gradient.
+    vmax = torch.full((m,), -math.inf, dtype=conf.dtype, device=conf.device)
+    vmax = vmax.scatter_reduce(0, voxel, conf.detach(), reduce="amax")
+    e = torch.exp(conf - vmax[voxel])
+    weight = e / torch.zeros(m, dtype=e.dtype, device=e.device).index_add(0, voxel, e)[voxel]
+    merged = torch.cat([points, feats], dim=-1) * weight[:, None]
+    merged = torch.zeros(m, merged.shape[1], dtype=merged.dtype, device=merged.device).index_add(0, voxel, merged)
+    return merged[:, :3], merged[:, 3:]
+
+
+def sh_scale(sh_degree: int, device=None) -> Tensor:
+    """Per-coefficient factor [(d+1)^2]: 1 for the DC term, 0.1 * 0.25^l for degree l >= 1."""
+    return torch.tensor([1.0 if l == 0 else 0.1 * 0.25**l for l in range(sh_degree + 1) for _ in range(2 * l + 1)],
+                        device=device)
+
+
+def activate(means: Tensor, raw: Tensor) -> Gaussians:
+    """Centres [N,3] and raw [N, 8 + 3K] (opacity, scale 3, rotation xyzw 4, SH channel-major) -> Gaussians."""
+    k = (raw.shape[1] - 8) // 3
+    degree = math.isqrt(k) - 1
+    rot = F.normalize(raw[:, 4:8], dim=-1)
+    sh = raw[:, 8:].reshape(-1, 3, k).transpose(1, 2) * sh_scale(degree, raw.device)[:, None].to(raw.dtype)
+    return Gaussians(means=means, quats=torch.cat([rot[:, 3:], rot[:, :3]], dim=-1),
+                     scales=(0.001 * F.softplus(raw[:, 1:4])).clamp_max(0.3),
+                     opacities=torch.sigmoid(raw[:, 0]), sh=sh)
+
+
+def to_gaussians(out, images: Tensor | None = None, voxel_size: float | None = None,
+                 min_opacity: float = 0.0) -> list[Gaussians]:
+    """ReconOutput -> one Gaussians per batch item (S*H*W of them before merging/pruning).
+
+    `images` are the frames the network saw; the Gaussian head has already used them, so here
+    they only guard against pairing an output with frames of another size.
+    """
+    params = out.gaussian_params
+    if params is None:
+        raise ValueError("no gaussian_params: build the network with the 'gaussians' head and pass images")
+    b, s, h, w, c = params.shape
+    if images is not None and (tuple(images.shape[:2]) != (b, s) or tuple(images.shape[-2:]) != (h, w)):
+        raise ValueError(f"images {tuple(images.shape)} do not match gaussian_params {tuple(params.shape)}")
+    if out.depth is not None and out.extrinsics is not None:
+        means = unproject_depth(out.depth, out.intrinsics, rigid_inverse(out.extrinsics))
+    elif out.points is not None:
+        means = out.points
+    else:
+        raise ValueError("Gaussian centres need depth + cameras or points")
+    scenes = []
+    for i in range(b):
+        pts, raw = means[i].reshape(-1, 3), params[i].reshape(-1, c)
+        feats, conf = raw[:, :-1], raw[:, -1]
+        if voxel_size is not None:
+            pts, feats = voxel_merge(pts, feats, conf, voxel_size)
+        g = activate(pts, feats)
+        if min_opacity > 0:
+            g = g.select(g.opacities >= min_opacity)
+        scenes.append(g)
+    return scenes

@@ -1,0 +1,104 @@
+"""StitchedDecoder: video latents -> stitching layer -> reconstruction network after the cut -> Gaussians.
+
+This is the "3D VAE decoder" of VIST3A. The Gaussian head also looks at RGB frames; at inference
+they come from the video VAE's own decoder (`decode_frames`), resized to the network's input size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vist3a.splats.gaussians import Cameras, Gaussians
+from vist3a.stitching.layer import StitchingLayer, frames_from_latent_frames, upsample_time
+
+
+def resize_frames(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, T, 3, H, W) -> (B, T, 3, size, size): centre crop to a square, then resize (antialiased)."""
+    b, t, c, h, w = frames.shape
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    x = frames[..., top:top + s, left:left + s].reshape(b * t, c, s, s)
+    if s != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=s > size)
+    return x.reshape(b, t, c, size, size).clamp(0, 1)
+
+
+@dataclass
+class DecodedScenes:
+    gaussians: list[Gaussians]
+    cameras: list[Cameras]          # predicted cameras, one set per scene, at the network's input size
+    depth: torch.Tensor             # [B, S, H, W]
+    frames: torch.Tensor | None     # RGB frames given to the Gaussian head, [B, S, 3, H, W]
+    recon: object                   # the full ReconOutput
+
+
+class StitchedDecoder(nn.Module):
+    def __init__(
+        self,
+        stitch: StitchingLayer,
+        recon: nn.Module,
+        cut: str,
+        latents_mean: torch.Tensor,
+        latents_std: torch.Tensor,
+        decode_frames: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        super().__init__()
+        if cut not in recon.cut_points():
+            raise ValueError(f"cut {cut!r} is not a cut point of the reconstruction network (choose from {recon.cut_points()})")
+        self.stitch = stitch
+        self.recon = recon
+        self.cut = cut
+        self.register_buffer("latents_mean", torch.as_tensor(latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("latents_std", torch.as_tensor(latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
+        self.decode_frames = decode_frames
+
+    @property
+    def needs_rgb(self) -> bool:
+        return "gaussians" in tuple(self.recon.cfg.heads)
+
+    def check_latent_shape(self, latent_shape: tuple[int, ...]) -> None:
+        """Refuse, with both grids in the message, latents whose stitched grid is not the network's token grid."""
+        _, c, t, h, w = latent_shape
+        if c != self.stitch.in_channels:
+            raise ValueError(f"latents have {c} channels; the stitching layer expects {self.stitch.in_channels}")
+        frames = frames_from_latent_frames(t)
+        t_out, h_out, w_out = self.stitch.spec.output_size(frames, h, w)
+        gh, gw = self.recon.token_grid
+        if (h_out, w_out) != (gh, gw):
+            raise ValueError(
+                f"latent grid {h}x{w} stitches to a {h_out}x{w_out} token grid, but the reconstruction network "
+                f"expects {gh}x{gw} (img_size {self.recon.cfg.img_size} / patch {self.recon.cfg.patch_size}); "
+                f"change sampling.height/width or model.stitch.spec"
+            )
+        if t_out != frames:
+            raise ValueError(f"stitching spec maps {frames} frames to {t_out} views; it must keep the frame count")
+
+    def tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised video latents (B, 16, T', h, w) -> the network's tokens at the cut, (B, T, P, C)."""
+        raw = latents.float() * self.latents_std + self.latents_mean
+        return StitchingLayer.to_tokens(self.stitch(upsample_time(raw)))
+
+    def forward(self, latents: torch.Tensor, frames: torch.Tensor | None = None, voxel_size: float | None = None,
+                min_opacity: float = 0.0) -> DecodedScenes:
+        """Decode normalised latents. `frames` (B, T, 3, H, W) in [0, 1] overrides the VAE-decoded RGB."""
+        from vist3a.recon import to_gaussians
+
+        self.check_latent_shape(tuple(latents.shape))
+        tokens = self.tokens(latents)
+        if self.needs_rgb and frames is None:
+            if self.decode_frames is None:
+                raise ValueError("the Gaussian head needs RGB frames: give `frames` or a `decode_frames` function")
+            frames = self.decode_frames(latents)
+        if frames is not None:
+            frames = resize_frames(frames.float(), self.recon.cfg.img_size)
+        out = self.recon.forward_from(self.cut, tokens, frames)
+        gaussians = to_gaussians(out, frames, voxel_size=voxel_size, min_opacity=min_opacity) if self.needs_rgb else []
+        size = self.recon.cfg.img_size
+        cameras = [Cameras(viewmats=out.extrinsics[i], Ks=out.intrinsics[i], width=size, height=size)
+                   for i in range(out.extrinsics.shape[0])]
+        return DecodedScenes(gaussians=gaussians, cameras=cameras, depth=out.depth, frames=frames, recon=out)
