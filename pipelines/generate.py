@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import logging
 import sys
 import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 
 from vist3a.config import Config, ConfigError, load_config
 from vist3a.dataset import compact_manifest, empty_manifest_row, recorded_ids
@@ -55,9 +57,9 @@ class ValidatePrompts:
         limit = self.cfg.model.video.text_encoder.max_length
         errors = list(batch["error"])
         for i, (prompt, err) in enumerate(zip(batch["prompt"], errors)):
-            if err is None:
-                errors[i] = check_prompt(self.tokenizer, prompt, limit)
-        batch["error"] = np.array(errors, dtype=object)
+            if not err:
+                errors[i] = check_prompt(self.tokenizer, prompt, limit) or ""
+        batch["error"] = object_column(errors)
         return batch
 
 
@@ -82,9 +84,9 @@ class GenerateScenes:
     def __call__(self, batch: dict) -> dict:
         n = len(batch["id"])
         scenes = [None] * n
-        metas = [None] * n
+        metas = [""] * n
         errors = list(batch["error"])
-        todo = [i for i in range(n) if errors[i] is None]
+        todo = [i for i in range(n) if not errors[i]]
         results = {}
         if todo:
             try:
@@ -97,8 +99,8 @@ class GenerateScenes:
                         errors[i] = f"generation failed: {type(exc).__name__}: {exc}"[:500]
         for i, scene in results.items():
             scenes[i] = scene
-            metas[i] = self.gen.meta(scene)
-        batch["error"] = np.array(errors, dtype=object)
+            metas[i] = json.dumps(self.gen.meta(scene))  # JSON text: Arrow would turn lists into arrays
+        batch["error"] = object_column(errors)
         batch["scene"] = object_column(scenes)
         batch["meta"] = object_column(metas)
         return batch
@@ -117,10 +119,10 @@ def write_scenes(batch: dict, output: str, storage: dict, ply_sh_degree: int) ->
         row = empty_manifest_row()
         for k in ("id", "prompt", "negative_prompt", "seed", "source"):
             row[k] = batch[k][i]
-        row["seed"] = int(row["seed"])
-        scene, meta = batch["scene"][i], batch["meta"][i]
-        err = batch["error"][i]
-        if err is None and scene is not None:
+        row["seed"] = None if row["seed"] is None else int(row["seed"])
+        err, meta = batch["error"][i], batch["meta"][i]
+        if not err and meta:
+            scene, meta = batch["scene"][i], json.loads(meta)
             t0 = time.perf_counter()
             try:
                 uris = write_scene(output, row["id"], scene_files(scene, meta, ply_sh_degree), storage_cfg)
@@ -134,8 +136,8 @@ def write_scenes(batch: dict, output: str, storage: dict, ply_sh_degree: int) ->
                     weights_fingerprint=meta["weights_fingerprint"], write_s=time.perf_counter() - t0,
                     **{k: meta["timings"].get(k) for k in ("sample_s", "decode_s", "render_s")},
                 )
-        if err is not None:
-            row.update(status="failed", error=str(err))
+        if err or not meta:
+            row.update(status="failed", error=str(err or "generation produced no scene"))
         row["vist3a_version"] = __version__
         row["finished_at"] = now_utc()
         rows.append(row)
@@ -197,6 +199,9 @@ def build_dataset(cfg: Config, todo: pa.Table):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
     blocks = max(1, min(todo.num_rows, 4 * job.actors * 4, (todo.num_rows + job.batch_size - 1) // job.batch_size))
+    # Empty strings, not nulls, for "no error": Ray Data turns an all-null object column into NaN.
+    todo = todo.set_column(todo.schema.get_field_index("error"), "error",
+                           pa.compute.fill_null(todo.column("error"), ""))
     ds = ray.data.from_arrow(todo).repartition(blocks)
     ds = ds.map_batches(ValidatePrompts, fn_constructor_kwargs={"cfg_dict": cfg_dict},
                         compute=ActorPoolStrategy(size=job.validators), num_cpus=job.cpu_stage_cpus,

@@ -14,9 +14,8 @@ The story of a request:
   3. GET /v1/scenes/{id} and its files are answered from the store, so any ingress replica can answer.
 
 The model math lives in `vist3a` (SceneGenerator); this module is the service around it.
+(No `from __future__ import annotations` here: Serve's ingress reads the handlers' annotations at run time.)
 """
-
-from __future__ import annotations
 
 import asyncio
 import hmac
@@ -92,6 +91,18 @@ def validation_response(err: ValidationError) -> JSONResponse:
     detail = [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in err.errors(include_url=False)]
     message = "; ".join(f"{'.'.join(str(p) for p in d['loc'])}: {d['msg']}" for d in detail)
     return JSONResponse({"detail": detail, "message": message}, status_code=422)
+
+
+def api_key_from_env(variable: str | None) -> str | None:
+    """The key requests must carry, from the variable named by serve.api_key_env (None: no key).
+
+    Fails closed: a configured variable that is unset or empty stops the replica from starting."""
+    if not variable:
+        return None
+    key = os.environ.get(variable)
+    if not key:
+        raise RuntimeError(f"serve.api_key_env names {variable!r}, but that environment variable is unset or empty")
+    return key
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -202,17 +213,13 @@ class SceneAPI:
     """HTTP ingress: validation, admission (queue limit), status and files from the store, the viewer page."""
 
     def __init__(self, model, cfg: dict):
-        from vist3a.video import check_prompt, load_tokenizer
-
         self.model = model
         self.cfg = Config.model_validate(cfg)
         s = self.cfg.serve
         self.store = SceneStore(s.store, self.cfg.storage)
-        self.api_key = None
-        if s.api_key_env:
-            self.api_key = os.environ.get(s.api_key_env)
-            if not self.api_key:  # fail closed: a configured key that is missing must not open the API
-                raise RuntimeError(f"serve.api_key_env names {s.api_key_env!r}, but that environment variable is unset or empty")
+        self.api_key = api_key_from_env(s.api_key_env)
+        from vist3a.video import check_prompt, load_tokenizer  # after the key check: a slow import
+
         tokenizer = load_tokenizer(self.cfg.model.video)
         limit = self.cfg.model.video.text_encoder.max_length
         self.context = {"check_prompt": lambda p: check_prompt(tokenizer, p, limit),
@@ -243,10 +250,12 @@ class SceneAPI:
                 return error(413, f"request body is over the limit of {limit} bytes")
         return bytes(body)
 
-    def _links(self, scene_id: str, record: dict) -> dict:
-        links = {"self": f"/v1/scenes/{scene_id}"}
+    @staticmethod
+    def _links(request: Request, scene_id: str, record: dict) -> dict:
+        base = f"{request.scope.get('root_path', '').rstrip('/')}/v1/scenes/{scene_id}"  # under the app's route prefix
+        links = {"self": base}
         for name in (record.get("result") or {}).get("files", []):
-            links[name] = f"/v1/scenes/{scene_id}/{name}"
+            links[name] = f"{base}/{name}"
         return links
 
     async def _generate(self, scene_id: str, job: dict) -> None:
@@ -333,8 +342,9 @@ class SceneAPI:
             return error(503, f"result store unavailable: {type(exc).__name__}", {"Retry-After": str(s.retry_after_s)})
         self.pending[scene_id] = asyncio.get_running_loop().create_task(self._generate(scene_id, job))
         self._maybe_apply_retention()
-        return JSONResponse({"id": scene_id, "status": record["status"], "links": self._links(scene_id, record)},
-                            status_code=202, headers={"Location": f"/v1/scenes/{scene_id}"})
+        links = self._links(request, scene_id, record)
+        return JSONResponse({"id": scene_id, "status": record["status"], "links": links},
+                            status_code=202, headers={"Location": links["self"]})
 
     @app.get("/v1/scenes/{scene_id}", summary="Status of a scene: queued, running, done or failed (with reason)")
     async def get_scene(self, scene_id: str, request: Request):
@@ -343,7 +353,7 @@ class SceneAPI:
         record = await asyncio.to_thread(self.store.get_status, scene_id) if is_scene_id(scene_id) else None
         if record is None:
             return error(404, f"no scene with id {scene_id!r}")
-        return {**record, "links": self._links(scene_id, record)}
+        return {**record, "links": self._links(request, scene_id, record)}
 
     @app.get("/v1/scenes/{scene_id}/{name}", summary="A result file: scene.ply, preview.png, cameras.json or meta.json")
     async def get_scene_file(self, scene_id: str, name: str, request: Request):
@@ -419,9 +429,9 @@ def app_builder(args: dict[str, Any]):
     return build_app(config_from_args(args))
 
 
-def run_local(cfg: Config, host: str = "127.0.0.1", port: int = 8000, name: str = "vist3a",
-              model_options: dict | None = None, api_options: dict | None = None, blocking: bool = False):
-    """Start Serve on an already-initialised Ray and deploy the application (tests, benchmarks)."""
+def run_local(cfg: Config, host: str = "127.0.0.1", port: int = 8000, name: str = "vist3a", route_prefix: str = "/",
+              model_options: dict | None = None, api_options: dict | None = None):
+    """Start Serve (if needed) on an already-initialised Ray and deploy the application (tests, benchmarks)."""
     serve.start(http_options={"host": host, "port": port})
-    return serve.run(build_app(cfg, model_options, api_options), name=name, route_prefix="/", blocking=blocking)
+    return serve.run(build_app(cfg, model_options, api_options), name=name, route_prefix=route_prefix)
 

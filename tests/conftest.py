@@ -62,8 +62,10 @@ def s3_bucket(s3_server, request):
 
 
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory):
-    """One local Ray instance for the session (4 logical CPUs so actors and CPU stages fit on 2 cores)."""
+def ray_local(tmp_path_factory, s3_server):
+    """One local Ray instance for the session (4 logical CPUs so actors and CPU stages fit on 2 cores).
+
+    Started after the S3 server so its workers inherit the AWS variables, as on a real cluster."""
     import ray
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024**2,

@@ -75,3 +75,11 @@ def test_missing_input_and_unsupported(tmp_path):
     (tmp_path / "bad.csv").write_text("text\nhello\n")
     with pytest.raises(ValueError, match="'prompt' column"):
         read_prompts(str(tmp_path / "bad.csv"))
+
+
+def test_every_row_has_id_and_seed(tmp_path):
+    (tmp_path / "p.txt").write_bytes(b"ok prompt\n\xff\xfe\n")
+    (tmp_path / "q.jsonl").write_text('{broken\n{"prompt": ""}\n')
+    table, _ = read_prompts(str(tmp_path))
+    for row in table.to_pylist():
+        assert row["id"] and isinstance(row["seed"], int), row

@@ -144,6 +144,7 @@ def normalise_row(raw: dict) -> dict:
     row = {"id": None, "prompt": None, "negative_prompt": "", "seed": None, "source": raw.get("source"), "error": raw.get("error")}
     if row["error"]:
         row["id"] = "invalid-" + prompt_id(str(raw.get("source")))
+        row["seed"] = seed_from(row["id"])
         return row
     prompt = raw.get("prompt")
     neg = raw.get("negative_prompt")

@@ -1,0 +1,361 @@
+"""pipelines.serve: the HTTP endpoint on loopback (tiny preset), its result store, and its config files."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from plyfile import PlyData
+
+from conftest import REPO
+from vist3a.config import ConfigError, load_config
+from vist3a.io.scene_store import SceneStore, id_time, is_scene_id, new_scene_id
+
+DONE = ("done", "failed")
+
+
+def wait_finished(client: httpx.Client, scene_id: str, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = client.get(f"/v1/scenes/{scene_id}")
+        assert r.status_code == 200, r.text
+        record = r.json()
+        if record["status"] in DONE:
+            return record
+        assert time.monotonic() < deadline, f"scene {scene_id} still {record['status']} after {timeout}s"
+        time.sleep(0.3)
+
+
+async def post_many(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        return await asyncio.gather(*(client.post("/v1/scenes", json=b) for b in bodies))
+
+
+@pytest.fixture
+def client(serve_app):
+    with httpx.Client(base_url=serve_app.url, timeout=60) as c:
+        yield c
+
+
+# ----------------------------------------------------------------------------- the store (no Ray)
+
+
+def test_store_local(tmp_path):
+    check_store(SceneStore(str(tmp_path / "store")))
+
+
+def test_store_s3(s3_bucket):
+    check_store(SceneStore(f"s3://{s3_bucket}/serve"))
+
+
+def check_store(store: SceneStore):
+    """Records, files, ids by age and both retention limits, against what was written."""
+    now = time.time()
+    # Five scenes, one per hour, oldest first; the second-newest is still running.
+    ids = [new_scene_id(now - 3600 * (5 - k)) for k in range(5)]
+    assert ids == sorted(ids) and all(is_scene_id(i) for i in ids)
+    assert abs(id_time(ids[0]) - (now - 5 * 3600)) < 0.01
+    for k, i in enumerate(ids):
+        store.put_status(i, "queued", request={"prompt": f"p{k}"})
+        store.put_status(i, "running" if k == 3 else "done", result={"files": ["scene.ply"]})
+        store.put_files(i, {"scene.ply": f"ply{k}".encode()})
+    rec = store.get_status(ids[3])
+    assert rec["status"] == "running" and rec["request"] == {"prompt": "p3"} and rec["id"] == ids[3]
+    assert store.read_file(ids[1], "scene.ply") == b"ply1"
+    assert store.read_file(ids[1], "preview.png") is None
+    assert store.get_status(new_scene_id()) is None
+    assert store.get_status("../../etc") is None and store.read_file("../x", "scene.ply") is None
+    with pytest.raises(ValueError):
+        store.put_files(ids[0], {"../evil": b""})
+    assert store.ids() == ids
+    # Age: older than 4.5 h -> only ids[0] goes. Count 2: the oldest finished go, the running one stays.
+    assert store.apply_retention(None, 4.5, now=now) == [ids[0]]
+    assert store.apply_retention(2, None, now=now) == [ids[1], ids[2]]
+    assert store.ids() == [ids[3], ids[4]]
+    assert store.get_status(ids[1]) is None and store.read_file(ids[1], "scene.ply") is None
+
+
+class StubGenerator:
+    """Stands in for SceneGenerator to test run_batch's bookkeeping: fails any batch holding 'boom'."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, seeds, steps=None, guidance=None):
+        from vist3a.generator import Scene
+        from vist3a.splats.gaussians import Cameras, Gaussians
+
+        self.calls.append((list(prompts), steps, guidance))
+        if "boom" in prompts:
+            raise RuntimeError("boom in the batch")
+        scenes = []
+        for p, s in zip(prompts, seeds):
+            n = 3 + len(p)
+            g = Gaussians(means=torch.randn(n, 3), quats=torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1),
+                          scales=torch.full((n, 3), 0.1), opacities=torch.full((n,), 0.5), sh=torch.zeros(n, 1, 3))
+            cams = Cameras(viewmats=torch.eye(4)[None], Ks=torch.eye(3)[None], width=8, height=8)
+            scenes.append(Scene(prompt=p, seed=s, gaussians=g, cameras=cams, previews=[]))
+        return scenes
+
+    def meta(self, scene):
+        lo, hi = scene.bbox()
+        return {"num_gaussians": scene.num_gaussians, "bbox_min": lo, "bbox_max": hi, "timings": {}}
+
+
+def test_run_batch_isolates_a_failing_item_and_groups_by_settings(tmp_path):
+    from pipelines.serve import run_batch
+
+    store = SceneStore(str(tmp_path))
+    jobs = [{"id": new_scene_id(), "prompt": p, "seed": k, "steps": st, "guidance": 5.0}
+            for k, (p, st) in enumerate([("ab", 2), ("boom", 2), ("abcd", 2), ("xyz", 3)])]
+    for j in jobs:
+        store.put_status(j["id"], "queued")
+    gen = StubGenerator()
+    out = run_batch(gen, store, jobs, ply_sh_degree=0)
+    assert [o["status"] for o in out] == ["done", "failed", "done", "done"]
+    assert "boom in the batch" in out[1]["reason"]
+    # steps=2 group as one call, then one call per item after it failed; steps=3 alone.
+    assert gen.calls == [(["ab", "boom", "abcd"], 2, 5.0), (["ab"], 2, 5.0), (["boom"], 2, 5.0), (["abcd"], 2, 5.0),
+                         (["xyz"], 3, 5.0)]
+    for job, o in zip(jobs, out):
+        rec = store.get_status(job["id"])
+        assert rec["status"] == o["status"]
+        if o["status"] == "done":
+            ply = PlyData.read(io.BytesIO(store.read_file(job["id"], "scene.ply")))
+            assert ply["vertex"].count == 3 + len(job["prompt"]) == rec["result"]["num_gaussians"]
+        else:
+            assert store.read_file(job["id"], "scene.ply") is None and rec["reason"] == o["reason"]
+
+
+# ----------------------------------------------------------------------------- config files
+
+
+def test_serve_config_files_follow_serve_schema_and_build_configs():
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipelines.serve import config_from_args
+
+    docs = {p: yaml.safe_load(open(f"{REPO}/deploy/{p}")) for p in ("serve.yaml", "serve.cluster.yaml")}
+    kuberay = yaml.safe_load(open(f"{REPO}/deploy/kuberay/rayservice.yaml"))
+    docs["rayservice"] = yaml.safe_load(kuberay["spec"]["serveConfigV2"])
+    for name, doc in docs.items():
+        ServeDeploySchema.model_validate(doc)
+        (app,) = doc["applications"]
+        assert app["import_path"] == "pipelines.serve:app_builder"
+        cfg = config_from_args(app["args"])
+        assert {d["name"] for d in app["deployments"]} == {"SceneAPI", "SceneModel"}
+        model = next(d for d in app["deployments"] if d["name"] == "SceneModel")
+        assert model["max_ongoing_requests"] >= cfg.serve.batch_max_size, name
+    assert docs["serve.yaml"]["http_options"]["host"] == "127.0.0.1"
+    assert config_from_args(docs["serve.yaml"]["applications"][0]["args"]).serve.api_key_env is None
+    assert config_from_args(docs["serve.cluster.yaml"]["applications"][0]["args"]).serve.api_key_env == "VIST3A_API_KEY"
+    with pytest.raises(ConfigError, match="serve.max_steps"):
+        config_from_args({"config": {"serve": {"max_steps": 0}}})
+    with pytest.raises(ConfigError, match="unknown application args: confg"):
+        config_from_args({"confg": {}})
+    assert config_from_args({"config": f"{REPO}/deploy/local.yaml", "overrides": ["serve.max_steps=7"]}).serve.max_steps == 7
+
+
+# ----------------------------------------------------------------------------- the endpoint
+
+@pytest.mark.ray
+def test_valid_request_ends_with_a_ply_and_a_png(client, serve_app):
+    r = client.post("/v1/scenes", json={"prompt": "a red barn in a snowy field", "seed": 7, "steps": 3, "guidance": 4.5})
+    assert r.status_code == 202, r.text
+    scene_id = r.json()["id"]
+    assert r.headers["location"] == f"/v1/scenes/{scene_id}" and r.json()["status"] == "queued"
+    assert client.get(f"/v1/scenes/{scene_id}").json()["status"] in ("queued", "running", "done")
+    record = wait_finished(client, scene_id)
+    assert record["status"] == "done", record
+    assert record["request"] == {"prompt": "a red barn in a snowy field", "seed": 7, "steps": 3, "guidance": 4.5}
+    assert set(record["links"]) == {"self", "scene.ply", "preview.png", "cameras.json", "meta.json"}
+
+    ply = client.get(record["links"]["scene.ply"])
+    assert ply.status_code == 200
+    vertex = PlyData.read(io.BytesIO(ply.content))["vertex"]
+    assert vertex.count == record["result"]["num_gaussians"] > 0
+    xyz = np.stack([vertex[k] for k in ("x", "y", "z")], 1)
+    assert np.isfinite(xyz).all()
+    assert np.allclose(xyz.min(0), record["result"]["bbox_min"], atol=1e-4)
+    assert np.allclose(xyz.max(0), record["result"]["bbox_max"], atol=1e-4)
+    for name in ("opacity", "scale_0", "rot_0", "f_dc_0"):
+        assert name in vertex.data.dtype.names
+
+    png = client.get(record["links"]["preview.png"])
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    image = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
+    assert image.shape[0] >= 64 and image.std() > 1.0  # a render, not a blank image
+    meta = client.get(record["links"]["meta.json"]).json()
+    assert meta["seed"] == 7 and meta["prompt"] == "a red barn in a snowy field"
+
+
+TOO_LONG = "word " * 200  # byt5 tokens > max_length 128, still under the 4096-byte body limit
+
+BAD_BODIES = [
+    ({}, "prompt", "Field required"),
+    ({"prompt": ""}, "prompt", "prompt is empty"),
+    ({"prompt": "   "}, "prompt", "only whitespace"),
+    ({"prompt": TOO_LONG}, "prompt", "over the limit of 128"),
+    ({"prompt": 5}, "prompt", "valid string"),
+    ({"prompt": "a", "steps": 0}, "steps", "greater than or equal to 1"),
+    ({"prompt": "a", "steps": 9}, "steps", "at most 8"),
+    ({"prompt": "a", "steps": "4"}, "steps", "valid integer"),
+    ({"prompt": "a", "steps": 2.5}, "steps", "valid integer"),
+    ({"prompt": "a", "guidance": -1}, "guidance", "greater than or equal to 0"),
+    ({"prompt": "a", "guidance": 11}, "guidance", "at most 10"),
+    ({"prompt": "a", "guidance": "high"}, "guidance", "valid number"),
+    ({"prompt": "a", "seed": -1}, "seed", "greater than or equal to 0"),
+    ({"prompt": "a", "seed": 2**31}, "seed", "less than 2147483648"),
+    ({"prompt": "a", "seed": True}, "seed", "valid integer"),
+    ({"prompt": "a", "colour": "red"}, "colour", "Extra inputs are not permitted"),
+]
+
+
+@pytest.mark.ray
+def test_bad_inputs_answer_with_status_and_field(client, serve_app):
+    for body, field, fragment in BAD_BODIES:
+        r = client.post("/v1/scenes", json=body)
+        assert r.status_code == 422, (body, r.text)
+        detail = r.json()["detail"]
+        assert any(d["loc"] == ["body", field] and fragment in d["msg"] for d in detail), (body, detail)
+        assert f"body.{field}: " in r.json()["message"]
+    for raw in (b"{not json", b"[1, 2]", b""):
+        r = client.post("/v1/scenes", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"][0] == "body", (raw, r.text)
+
+    big = {"prompt": "a" * 5000}
+    r = client.post("/v1/scenes", json=big)
+    assert r.status_code == 413 and "over the limit of 4096" in r.json()["detail"]
+    r = client.post("/v1/scenes", content=iter([b'{"prompt": "', b"a" * 5000, b'"}']))  # chunked: no Content-Length
+    assert r.status_code == 413 and "over the limit of 4096" in r.json()["detail"]
+
+    unknown = new_scene_id()
+    for path in (f"/v1/scenes/{unknown}", "/v1/scenes/not-an-id", f"/v1/scenes/{unknown}/scene.ply"):
+        r = client.get(path)
+        assert r.status_code == 404 and "no scene" in r.json()["detail"], (path, r.text)
+    assert client.get("/v1/scenes/..%2F..%2Fetc/scene.ply").status_code == 404
+    ok = client.post("/v1/scenes", json={"prompt": "a small house"}).json()["id"]
+    r = client.get(f"/v1/scenes/{ok}/passwd")
+    assert r.status_code == 404 and "no file 'passwd'" in r.json()["detail"]
+    assert wait_finished(client, ok)["status"] == "done"
+    assert client.get("/healthz").json()["pending"] == 0
+
+
+@pytest.mark.ray
+def test_queue_full_answers_503_with_retry_after_and_accepted_ones_finish(client, serve_app):
+    limit = serve_app.cfg.serve.max_queued_generations
+    responses = asyncio.run(post_many(serve_app.url, [{"prompt": f"scene {k}", "steps": 8} for k in range(limit + 6)]))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {202, 503}, codes
+    assert limit <= codes.count(202) < len(codes), codes
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == str(serve_app.cfg.serve.retry_after_s)
+            assert "queue full" in r.json()["detail"]
+    accepted = [r.json()["id"] for r in responses if r.status_code == 202]
+    assert all(wait_finished(client, i)["status"] == "done" for i in accepted)
+    assert client.post("/v1/scenes", json={"prompt": "after the rush", "steps": 1}).status_code == 202
+
+
+@pytest.mark.ray
+def test_twenty_concurrent_requests_are_all_answered_and_batched(client, serve_app):
+    responses = asyncio.run(post_many(serve_app.url, [{"prompt": f"a castle number {k}", "steps": 2} for k in range(20)]))
+    assert len(responses) == 20
+    accepted = []
+    for r in responses:
+        assert r.status_code in (202, 503), r.text
+        if r.status_code == 503:
+            assert int(r.headers["retry-after"]) > 0
+        else:
+            accepted.append(r.json()["id"])
+    assert accepted
+    records = [wait_finished(client, i) for i in accepted]
+    assert all(rec["status"] == "done" for rec in records), records
+    # @serve.batch gathered the concurrent prompts into generator calls of more than one.
+    assert max(rec["batch_size"] for rec in records) > 1, [rec["batch_size"] for rec in records]
+
+
+@pytest.mark.ray
+def test_docs_health_and_viewer_page(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/v1/scenes"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(body["properties"]) == {"prompt", "seed", "steps", "guidance"} and body["required"] == ["prompt"]
+    assert {"/v1/scenes/{scene_id}", "/v1/scenes/{scene_id}/{name}", "/healthz"} <= set(spec["paths"])
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and '"@sparkjsdev/spark": "/vendor/spark/spark.module.js"' in page.text
+    assert "cdn" not in page.text.lower()
+    assert client.get("/vendor/three/../../pyproject.toml").status_code == 404
+    assert client.get("/vendor/other/x.js").status_code == 404
+    if os.path.isdir(os.path.join(REPO, "node_modules")):
+        js = client.get("/vendor/spark/spark.module.js")
+        assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+
+
+# ----------------------------------------------------------------------------- API key
+
+
+@pytest.fixture(scope="module")
+def keyed_app(serve_app):
+    """A second application under /keyed with the key on; its model deployment scales from zero and
+    never starts (these checks stop before generation)."""
+    from ray import serve
+
+    from pipelines.serve import run_local
+
+    cfg = load_config(None, [f"serve.store={serve_app.store}", "serve.api_key_env=VIST3A_TEST_API_KEY"])
+    port = int(serve_app.url.rsplit(":", 1)[1])
+    run_local(cfg, port=port, name="keyed", route_prefix="/keyed",
+              model_options={"autoscaling_config": {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1},
+                             "ray_actor_options": {"num_cpus": 0.25}},
+              api_options={"ray_actor_options": {"num_cpus": 0.1,
+                                                 "runtime_env": {"env_vars": {"VIST3A_TEST_API_KEY": "s3cret-key"}}}})
+    yield f"{serve_app.url}/keyed"
+    serve.delete("keyed")
+
+
+@pytest.mark.ray
+def test_api_key_is_enforced_when_set(keyed_app, serve_app):
+    store = SceneStore(serve_app.store)
+    existing = new_scene_id()
+    store.put_files(existing, {"scene.ply": b"ply"})
+    store.put_status(existing, "done", result={"files": ["scene.ply"]})
+    with httpx.Client(base_url=keyed_app, timeout=30) as c:
+        for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}):
+            for method, path in (("POST", "/v1/scenes"), ("GET", f"/v1/scenes/{existing}"),
+                                 ("GET", f"/v1/scenes/{existing}/scene.ply")):
+                r = c.request(method, path, json={"prompt": "a"} if method == "POST" else None, headers=headers)
+                assert r.status_code == 401 and "X-API-Key" in r.json()["detail"], (method, path, headers, r.text)
+        good = {"X-API-Key": "s3cret-key"}
+        r = c.post("/v1/scenes", json={"prompt": ""}, headers=good)  # past the key check: validation answers
+        assert r.status_code == 422
+        r = c.get(f"/v1/scenes/{existing}", headers=good)
+        assert r.status_code == 200 and r.json()["links"]["self"] == f"/keyed/v1/scenes/{existing}"
+        assert c.get(f"/v1/scenes/{existing}/scene.ply", headers=good).status_code == 200
+        health = c.get("/healthz").json()  # liveness stays open for probes
+        assert health["api_key_required"] is True
+    with httpx.Client(base_url=serve_app.url, timeout=30) as c:  # the default app has no key
+        assert c.get("/healthz").json()["api_key_required"] is False
+
+
+def test_missing_key_variable_refuses_to_start(monkeypatch):
+    """api_key_env names an unset or empty variable: the ingress must not start open."""
+    from pipelines.serve import api_key_from_env
+
+    monkeypatch.delenv("VIST3A_UNSET_KEY", raising=False)
+    with pytest.raises(RuntimeError, match="VIST3A_UNSET_KEY"):
+        api_key_from_env("VIST3A_UNSET_KEY")
+    monkeypatch.setenv("VIST3A_UNSET_KEY", "")
+    with pytest.raises(RuntimeError, match="unset or empty"):
+        api_key_from_env("VIST3A_UNSET_KEY")
+    monkeypatch.setenv("VIST3A_UNSET_KEY", "k")
+    assert api_key_from_env("VIST3A_UNSET_KEY") == "k" and api_key_from_env(None) is None
