@@ -76,9 +76,9 @@ def ray_local(tmp_path_factory, s3_server):
 
 @pytest.fixture(scope="session")
 def serve_app(ray_local, tmp_path_factory):
-    """The HTTP endpoint (pipelines.serve, tiny preset, fast settings) on 127.0.0.1:<free port>, no API key.
-
-    Small queue (4) so the 503 path is reachable; one cheap preview per scene to keep generation short."""
+    """The HTTP endpoint (pipelines.serve, tiny preset, fast settings) on 127.0.0.1:<free port>, with an
+    API key (requests send `serve_app.headers`). Small queue (4) so the 503 path is reachable; one
+    cheap preview per scene to keep generation short."""
     from types import SimpleNamespace
 
     from ray import serve
@@ -91,9 +91,26 @@ def serve_app(ray_local, tmp_path_factory):
         f"serve.store={store}", "sampling.steps=2", "splats.preview_views=1", "splats.preview_size=64",
         "serve.max_queued_generations=4", "serve.batch_max_size=4", "serve.batch_wait_timeout_s=0.2",
         "serve.max_steps=8", "serve.max_guidance=10", "serve.retry_after_s=3", "serve.max_body_bytes=4096",
+        "serve.api_key_env=VIST3A_TEST_API_KEY",
     ])
+    key = "test-key-" + os.urandom(8).hex()
     port = free_port()
     run_local(cfg, port=port, model_options={"ray_actor_options": {"num_cpus": 0.5}},
-              api_options={"ray_actor_options": {"num_cpus": 0.25}})
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", cfg=cfg, store=str(store))
+              api_options={"ray_actor_options": {"num_cpus": 0.25,
+                                                 "runtime_env": {"env_vars": {"VIST3A_TEST_API_KEY": key}}}})
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", cfg=cfg, store=str(store), api_key=key,
+                          headers={"X-API-Key": key})
     serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def stitch_corpus(tmp_path_factory):
+    """A small procedural clip corpus (6 clips of 7 frames, 64 px; 2 shards, 3 row groups) on local disk."""
+    from vist3a.data import procedural_clips
+    from vist3a.io.corpus import CorpusWriter
+
+    root = tmp_path_factory.mktemp("stitch-corpus")
+    with CorpusWriter(str(root), clips_per_shard=4, clips_per_row_group=2) as writer:
+        for clip in procedural_clips(6, seed=7, frames=7, size=64):
+            writer.write(clip)
+    return str(root)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -104,31 +105,71 @@ def test_s3_round_trip(tmp_path, s3_bucket, ray_local):
     assert exists(f"{out}/manifest.parquet")
 
 
-def test_sigkill_mid_run_then_resume_exactly_once(tmp_path):
-    prompts = [f"scene number {i} with a tree" for i in range(10)]
+def _wait_parts(parts, n, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(list(parts.glob("*.parquet"))) < n:
+        assert proc.poll() is None, "the run ended before the kill"
+        time.sleep(0.2)
+    assert len(list(parts.glob("*.parquet"))) >= n
+
+
+def test_sigkill_worker_then_driver_then_resume_exactly_once(tmp_path):
+    prompts = [f"scene number {i} with a tree" for i in range(8)]
     (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
     out = tmp_path / "out"
     args = [sys.executable, "-m", "pipelines.generate", "--config", "deploy/generate.yaml",
             "--set", f"generate.input={tmp_path / 'p.txt'}", "--set", f"generate.output={out}",
-            "--set", "sampling.steps=6", "--set", "generate.batch_size=1", "--set", "splats.preview_size=32",
+            # generation (many steps) is the slow stage, so the generator actor is busy when killed
+            "--set", "sampling.steps=24", "--set", "generate.batch_size=1", "--set", "splats.preview_size=32",
+            "--set", "splats.preview_views=1",
             "--set", "ray.progress_bars=false"]
     env = {**os.environ, "PYTHONPATH": REPO}
     proc = subprocess.Popen(args, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = out / "manifest" / "parts"
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(parts.glob("*.parquet"))) < 2:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, at once
-    proc.wait()
+    try:
+        # 1) a worker dies: SIGKILL the generator actor's process; Ray restarts it and the run goes on.
+        _wait_parts(parts, 1, proc)
+        workers, names = [], []
+        for _ in range(600):
+            for c in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    title = " ".join(c.cmdline())
+                except psutil.Error:
+                    continue
+                names.append(title[:80].strip())
+                if "MapBatches(GenerateScenes)" in title:
+                    workers.append(c)
+            if workers:
+                break
+            time.sleep(0.1)
+        assert workers, f"no generator actor process found among {sorted(set(names))}"
+        for w in workers:
+            w.kill()
+        # 2) then the driver crashes with its whole local Ray (SIGKILL to every process at once).
+        _wait_parts(parts, 3, proc)
+        tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(1)
+    assert not [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     committed_before = len(read_manifest(str(out)))
-    assert 2 <= committed_before < len(prompts), "the kill should land mid-way"
+    assert 3 <= committed_before < len(prompts), "the kill should land mid-way"
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = _check_consistent(str(out))
     assert sorted(r["prompt"] for r in rows if r["status"] == "done") == sorted(prompts)
-    # exactly once: across every committed part, each id appears once
+    # exactly once: across every committed part of both runs, each id appears once
     all_parts = pa.concat_tables([pq.read_table(p) for p in parts.glob("*.parquet")])
     ids = all_parts.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == len(prompts)
-    assert "done 0" not in done.stdout and f"{len(prompts) - committed_before} to do" in done.stdout
+    assert f"{committed_before} already recorded, {len(prompts) - committed_before} to do" in done.stdout
+    assert f"done {len(prompts) - committed_before}, failed 0" in done.stdout
+    assert not list(out.rglob(".tmp-*"))  # no half-written file left behind

@@ -95,7 +95,8 @@ class Browser:
 
 
 def test_viewer_renders_a_generated_scene(serve_app, tmp_path):
-    """A person's path: open /, type a prompt, press Generate, watch the status, see the splats."""
+    """A person's path: open /, type a prompt (and the server's API key), press Generate, watch the
+    status, see the splats."""
     browser = Browser(str(tmp_path / "profile"))
     try:
         browser.call("Page.navigate", url=f"{serve_app.url}/")
@@ -105,6 +106,7 @@ def test_viewer_renders_a_generated_scene(serve_app, tmp_path):
             time.sleep(0.2)
         browser.evaluate("document.getElementById('prompt').value = 'a red barn in a snowy field';"
                          "document.getElementById('seed').value = '3';"
+                         f"document.getElementById('apikey').value = '{serve_app.api_key}';"
                          "document.getElementById('go').click()")
         deadline = time.monotonic() + 180
         phases = []

@@ -81,6 +81,38 @@ def cmd_presets(args) -> int:
     return 0
 
 
+EPILOG_WEIGHTS = """\
+examples:
+  vist3a weights check wan2.1-1.3b+anysplat
+  vist3a weights check wan2.1-1.3b+anysplat --set model.recon.weights=/data/weights/anysplat
+  vist3a weights check wan2.1-14b+anysplat --config deploy/cluster.yaml --fetch
+  vist3a weights manifest /data/weights/anysplat     # before `aws s3 sync` to a bucket
+
+`check` exits 0 when every weight the config loads is present and fits, 1 otherwise.
+Locations: a local path, an s3:// prefix (fetched once into storage.cache_dir and verified against
+its vist3a-manifest.json), or a Hugging Face hub id (downloaded only with --fetch or at start-up).
+"""
+
+
+def cmd_weights_check(args) -> int:
+    from vist3a.weights import check_weights
+
+    if args.preset_name:
+        args.overrides = [f"preset={args.preset_name}"] + list(args.overrides)
+    cfg = _config(args)
+    result = check_weights(cfg, fetch=args.fetch, deep=not args.shallow)
+    print(result)
+    return 0 if result.ok else 1
+
+
+def cmd_weights_manifest(args) -> int:
+    from vist3a.weights import write_manifest
+
+    path = write_manifest(args.directory)
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vist3a",
@@ -106,6 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list model presets")
     p.set_defaults(func=cmd_presets)
+
+    w = sub.add_parser("weights", help="check or prepare model weights", epilog=EPILOG_WEIGHTS,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    wsub = w.add_subparsers(dest="weights_command", required=True)
+    wc = wsub.add_parser("check", help="what is present, what is missing, where it looked, how to fetch it",
+                         epilog=EPILOG_WEIGHTS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    wc.add_argument("preset_name", nargs="?", metavar="PRESET", help=f"preset to check ({', '.join(preset_names())})")
+    wc.add_argument("--fetch", action="store_true", help="download remote weights (s3://, hub ids) that are not cached")
+    wc.add_argument("--shallow", action="store_true", help="skip matching the Wan files' tensor names and shapes")
+    _add_config_args(wc)
+    wc.set_defaults(func=cmd_weights_check)
+    wm = wsub.add_parser("manifest", help="write DIR/vist3a-manifest.json (sizes + SHA-256) for an s3:// upload")
+    wm.add_argument("directory", help="local weights directory")
+    wm.set_defaults(func=cmd_weights_manifest)
     return parser
 
 

@@ -233,6 +233,68 @@ class ServeJobConfig(Strict):
     retention_check_s: float = Field(60.0, gt=0, description="how often (at most) an ingress replica applies the retention limits")
 
 
+#: Stitched fine-tuning loss terms and their default weights (the paper's, plus the rendering loss).
+STITCH_LOSS_WEIGHTS = {"depth": 1.0, "depth_grad": 0.005, "depth_conf": 0.01, "points": 1.0, "pose": 1.0, "means": 1.0,
+                       "scales": 10.0, "rotations": 1.0, "sh": 1.0, "opacities": 1.0, "render": 1.0}
+
+
+class StitchJobConfig(Strict):
+    """pipelines.stitch: layer search (one pass, ridge per layer) and stitched LoRA fine-tuning on Ray Train."""
+
+    corpus: str = Field("out/corpus", description="Parquet clip corpus (pipelines.make_corpus): directory or s3:// prefix")
+    output: str = Field("out/stitch", description="search/ (table, every layer's weights, best.pt) and stitch.pt go here")
+    storage_path: str | None = Field(None, description="Ray Train checkpoints (local or s3://); default <output>/ray")
+    name: str = Field("stitch-finetune", description="Ray Train run name; rerunning the same name resumes it")
+    workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    views: int = Field(5, ge=1, description="frames per clip given to the VAE and the network; 4k+1")
+    batch_size: int = Field(1, ge=1, description="clips per worker per step (search: per forward pass)")
+    seed: int = 0
+    # layer search
+    candidates: list[str] | None = Field(None, description="cut points to fit; None: every encoder block")
+    ridge_lambda: float = Field(1e-4, ge=0.0, description="ridge penalty per row (scale-free in corpus size); intercept not penalised")
+    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="clips (by id hash) kept out of the fit and scored")
+    max_clips: int | None = Field(None, ge=1, description="search: stop after this many clips (trials)")
+    # fine-tuning
+    init: str | None = Field(None, description="stitch checkpoint to start from (e.g. <output>/search/best.pt); None: random")
+    steps: int = Field(20, ge=1)
+    lr: float = Field(2e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(5, ge=0, description="linear warm-up, then cosine decay to zero at `steps`")
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0.0)
+    lora_conv: bool = Field(True, description="LoRA also on the Conv2d layers of the heads (the paper: every Linear and Conv2d)")
+    loss_weights: dict[str, float] = Field(
+        default_factory=lambda: dict(STITCH_LOSS_WEIGHTS),
+        description="L1 distillation terms and 'render' (renders vs frames); keys not given keep their default",
+    )
+    render_views: int = Field(1, ge=0, description="views per clip rendered for the rendering loss")
+    render_stride: int = Field(1, ge=1, description="render every n-th pixel's Gaussian at 1/n resolution (cheap on CPU)")
+    checkpoint_every: int = Field(10, ge=1, description="steps between checkpoints (and the last step)")
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=0, description="worker failures a run restarts from its last checkpoint after")
+    fail_at_step: int | None = Field(None, ge=0, description="failure drill: raise at this step unless resumed (tests)")
+
+    @field_validator("loss_weights")
+    @classmethod
+    def _loss_terms(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(STITCH_LOSS_WEIGHTS))
+        if unknown:
+            raise ValueError(f"unknown loss terms {unknown}; known: {', '.join(STITCH_LOSS_WEIGHTS)}")
+        if any(w < 0 for w in v.values()):
+            raise ValueError("loss weights must be >= 0")
+        return {**STITCH_LOSS_WEIGHTS, **v}
+
+    @field_validator("views")
+    @classmethod
+    def _views(cls, v: int) -> int:
+        if (v - 1) % 4:
+            raise ValueError(f"views must be 4k+1 (the Wan VAE compresses time 4x), got {v}")
+        return v
+
+
 class Config(Strict):
     preset: str = "tiny"
     model: ModelConfig = ModelConfig()
@@ -243,6 +305,7 @@ class Config(Strict):
     ray: RayConfig = RayConfig()
     generate: GenerateJobConfig = GenerateJobConfig()
     serve: ServeJobConfig = ServeJobConfig()
+    stitch_job: StitchJobConfig = StitchJobConfig()
 
     @model_validator(mode="after")
     def _check_cross(self) -> "Config":
@@ -256,9 +319,45 @@ class Config(Strict):
 
 # ----------------------------------------------------------------------------- presets
 
+# Released architectures (shapes as published; see shared/notes/released-models.md and the
+# releases' config.json files). Weights: `vist3a weights check PRESET` says where to get them.
+_WAN_TEXT_ENCODER = {"tokenizer": "pretrained", "vocab_size": 256384, "d_model": 4096, "d_ff": 10240, "d_kv": 64,
+                     "num_layers": 24, "num_heads": 64, "max_length": 512}  # umt5-xxl encoder
+_WAN_VAE = {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+            "temperal_downsample": [False, True, True]}
+_WAN_DIT = {"patch_size": [1, 2, 2], "attention_head_dim": 128, "in_channels": 16, "out_channels": 16,
+            "text_dim": 4096, "freq_dim": 256}
+
+
+def _wan(repo: str, heads: int, ffn: int, layers: int) -> dict[str, Any]:
+    return {"source": "pretrained", "weights": repo, "text_encoder": _WAN_TEXT_ENCODER, "vae": _WAN_VAE,
+            "transformer": {**_WAN_DIT, "num_attention_heads": heads, "ffn_dim": ffn, "num_layers": layers}}
+
+
+_WAN_1_3B = _wan("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", heads=12, ffn=8960, layers=30)
+_WAN_14B = _wan("Wan-AI/Wan2.1-T2V-14B-Diffusers", heads=40, ffn=13824, layers=40)
+_VGGT_1B_ARCH = {"source": "pretrained", "patch_size": 14, "embed_dim": 1024, "encoder_depth": 24, "encoder_heads": 16,
+                 "num_registers": 4, "mlp_ratio": 4.0, "aggregator_depth": 24, "aggregator_heads": 16,
+                 "camera_iters": 4, "camera_trunk_depth": 4, "dpt_features": 256,
+                 "dpt_out_channels": [256, 512, 1024, 1024], "dpt_layers": [4, 11, 17, 23]}
+# AnySplat as stitched in VIST3A: 512 px video (64x64 latents) -> stride-2 conv -> 32x32 tokens = 448 px.
+_ANYSPLAT = {**_VGGT_1B_ARCH, "weights": "lhjiang/anysplat", "img_size": 448, "sh_degree": 4,
+             "heads": ["camera", "depth", "gaussians"]}
+# VGGT at its native 518 px (37x37 tokens): 592 px video -> 74x74 latents -> stride-2 conv -> 37x37.
+_VGGT = {**_VGGT_1B_ARCH, "weights": "facebook/VGGT-1B", "img_size": 518, "heads": ["camera", "depth", "points"]}
+# VIST3A's stitching layer (cut after the 2nd DINO block) and inference settings (50 steps, CFG 7.5, shift 5).
+_STITCH = {"spec": "conv3d_k5x3x3_o1024_s1x2x2_p2x1x1", "cut": "blocks.1"}
+_SAMPLING = {"steps": 50, "guidance": 7.5, "shift": 5.0, "frames": 13, "height": 512, "width": 512}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Small configs with seeded random weights: the whole path on a CPU in seconds.
     "tiny": {},
+    "wan2.1-1.3b+anysplat": {"model": {"video": _WAN_1_3B, "recon": _ANYSPLAT, "stitch": _STITCH},
+                             "sampling": _SAMPLING, "runtime": {"dtype": "bfloat16"}},
+    "wan2.1-1.3b+vggt": {"model": {"video": _WAN_1_3B, "recon": _VGGT, "stitch": _STITCH},
+                         "sampling": {**_SAMPLING, "height": 592, "width": 592}, "runtime": {"dtype": "bfloat16"}},
+    "wan2.1-14b+anysplat": {"model": {"video": _WAN_14B, "recon": _ANYSPLAT, "stitch": _STITCH},
+                            "sampling": _SAMPLING, "runtime": {"dtype": "bfloat16"}},
 }
 
 

@@ -74,10 +74,25 @@ class SceneGenerator:
         self.device = resolve_device(self.cfg.runtime.device)
         self.dtype = getattr(torch, self.cfg.runtime.dtype)
         t0 = time.perf_counter()
-        self.video = build_video(self.cfg, self.device, self.dtype)
-        self.decoder = build_stitched_decoder(self.cfg, self.video, self.device)
+        local_cfg = self._startup_check(self.cfg)
+        self.video = build_video(local_cfg, self.device, self.dtype)
+        self.decoder = build_stitched_decoder(local_cfg, self.video, self.device)
         self.load_seconds = time.perf_counter() - t0
         self.fingerprint = fingerprint(self.cfg.model.model_dump())
+
+    @staticmethod
+    def _startup_check(cfg: Config) -> Config:
+        """Refuse, before loading anything, what cannot work: no Gaussian head, or weights that are
+        missing or do not fit (WeightsError / FileNotFoundError whose message says what is missing,
+        where it looked and how to fetch it). Returns the config with remote weights made local."""
+        from vist3a.weights import prepare_weights
+
+        if "gaussians" not in cfg.model.recon.heads:
+            raise ValueError(f"preset {cfg.preset!r} builds no Gaussian head (model.recon.heads = "
+                             f"{list(cfg.model.recon.heads)}), so it cannot produce splat scenes; "
+                             "use an AnySplat preset (e.g. wan2.1-1.3b+anysplat)")
+        local_cfg, _ = prepare_weights(cfg)
+        return local_cfg
 
     def check_prompt(self, prompt) -> str | None:
         """None when the prompt can be generated, else the reason it cannot (for validation before GPU time)."""

@@ -46,10 +46,21 @@ def build_video(cfg: Config, device: torch.device, dtype: torch.dtype) -> VideoM
     return VideoModel(cfg, device, dtype)
 
 
-def build_recon(cfg: Config, device: torch.device):
+def build_recon(cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32):
+    """The reconstruction network: seeded random weights, or (source: pretrained) a released
+    VGGT-1B / AnySplat checkpoint converted strictly onto our module (a mismatch raises
+    CheckpointMismatchError carrying the full key report)."""
     from vist3a.recon import ReconNet
 
     rc = cfg.model.recon
+    if rc.source == "pretrained":
+        from vist3a.weights import load_pretrained_recon
+        from vist3a.weights.check import RECON_PATTERNS
+        from vist3a.weights.locate import require
+
+        path = require(rc.weights, cfg.storage, what="model.recon.weights", allow_patterns=RECON_PATTERNS)
+        net, _ = load_pretrained_recon(rc, path, device=device, dtype=dtype)
+        return net
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(rc.seed)
         net = ReconNet(rc)
@@ -65,4 +76,8 @@ def build_stitched_decoder(cfg: Config, video: VideoModel, device: torch.device)
         torch.manual_seed(sc.seed)
         stitch = StitchingLayer(sc.spec, in_channels=cfg.model.video.vae.z_dim)
     decoder = StitchedDecoder(stitch, recon, sc.cut, video.latents_mean, video.latents_std, decode_frames=video.decode)
+    if sc.weights:
+        from vist3a.stitching.checkpoint import load_stitch_checkpoint
+
+        load_stitch_checkpoint(decoder, sc.weights, cfg.storage)
     return decoder.to(device).eval()

@@ -1,0 +1,372 @@
+"""Model stitching on Ray Train: one-pass layer search, then stitched LoRA fine-tuning.
+
+    python -m pipelines.stitch search   --config deploy/stitch.yaml
+    python -m pipelines.stitch finetune --config deploy/stitch.yaml --set stitch_job.init=out/stitch/search/best.pt
+    ray job submit --working-dir . -- python -m pipelines.stitch search --config deploy/stitch.cluster.yaml
+
+search: every worker streams its share of the corpus (row groups of the Parquet shards) through the
+  video VAE encoder and the reconstruction network, with hooks on every candidate layer, and adds
+  the rows to float64 normal equations (vist3a.stitching.search). The sums are all-reduced
+  (gloo on CPU, nccl on GPU); rank 0 solves the ridge problem of every layer and writes
+  <output>/search/table.json, layers/<layer>.pt (every layer's fitted stitching layer) and best.pt.
+finetune: TorchTrainer (DDP) over StitchFinetuner steps; metrics reported every step; a checkpoint
+  (stitching layer, LoRA, optimizer, scheduler, step, config) every `checkpoint_every` steps to
+  storage_path (local or s3://). A worker failure restarts from the last checkpoint (FailureConfig);
+  rerunning the same command resumes the run of the same name. The result is <output>/stitch.pt,
+  which the generator loads with model.stitch.weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import uuid
+
+from vist3a.config import Config, ConfigError, load_config
+
+# ----------------------------------------------------------------------------- shared
+
+
+def vae_size(cfg: Config) -> int:
+    """Frames enter the VAE at the generator's resolution, so the fit sees the latents generation makes."""
+    if cfg.sampling.height != cfg.sampling.width:
+        raise ValueError(f"stitching needs square frames: sampling.height {cfg.sampling.height} != width {cfg.sampling.width}")
+    return cfg.sampling.height
+
+
+def check_setup(cfg: Config):
+    """Fail before Ray starts: shapes that cannot stitch, a missing or empty corpus."""
+    from vist3a.io.corpus import Corpus
+    from vist3a.stitching.spec import StitchSpec
+
+    job, rc = cfg.stitch_job, cfg.model.recon
+    spec = StitchSpec.parse(cfg.model.stitch.spec)
+    latent = vae_size(cfg) // 2 ** (len(cfg.model.video.vae.dim_mult) - 1)
+    out = spec.output_size(job.views, latent, latent)
+    grid = rc.img_size // rc.patch_size
+    if out != (job.views, grid, grid):
+        raise ValueError(f"model.stitch.spec maps {job.views} frames of {latent}x{latent} latents (VAE input "
+                         f"{vae_size(cfg)}px) to {out}, the network needs ({job.views}, {grid}, {grid})")
+    if spec.out_channels != rc.embed_dim:
+        raise ValueError(f"model.stitch.spec has {spec.out_channels} output channels, model.recon.embed_dim is {rc.embed_dim}")
+    corpus = Corpus(job.corpus, cfg.storage)
+    if len(corpus) == 0:
+        raise ValueError(f"corpus {job.corpus} has no clips")
+    return corpus
+
+
+def ray_storage(uri: str, storage) -> tuple[str, object | None]:
+    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig: s3:// goes through a
+    pyarrow S3FileSystem on the configured endpoint (MinIO, a test server, AWS)."""
+    from vist3a.io import is_s3
+
+    if not is_s3(uri):
+        return os.path.abspath(os.path.expanduser(uri)), None
+    from urllib.parse import urlparse
+
+    import pyarrow.fs
+
+    endpoint = storage.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {"region": storage.s3_region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
+    return uri[len("s3://"):], pyarrow.fs.S3FileSystem(**kwargs)
+
+
+def scaling(cfg: Config):
+    from ray.train import ScalingConfig
+
+    job = cfg.stitch_job
+    resources = {"CPU": job.cpus_per_worker}
+    if job.use_gpu:
+        resources["GPU"] = 1
+    return ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu, resources_per_worker=resources)
+
+
+def worker_setup(cfg: Config):
+    """(rank, world, device) inside a Ray Train worker; torch threads follow the worker's CPU share."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    ctx = ray.train.get_context()
+    if not cfg.stitch_job.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.stitch_job.cpus_per_worker)))
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
+def load_vae(cfg: Config, device):
+    from vist3a.video import build_wan
+
+    return build_wan(cfg.model.video, device=device).vae
+
+
+# ----------------------------------------------------------------------------- search
+
+
+def search_loop(config: dict) -> None:
+    """Ray Train worker: accumulate this worker's clips, all-reduce, rank 0 solves and writes."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from vist3a.io.corpus import Corpus
+    from vist3a.models import build_recon
+    from vist3a.stitching.search import LayerSearch, clip_views, is_heldout
+
+    cfg = Config.model_validate(config["cfg"])
+    job = cfg.stitch_job
+    rank, world, device = worker_setup(cfg)
+    search = LayerSearch.for_models(load_vae(cfg, device), build_recon(cfg, device), cfg.model.stitch.spec,
+                                    job.candidates, vae_size(cfg), device)
+    size = max(search.vae_size, search.image_size)
+    limit = math.ceil(job.max_clips / world) if job.max_clips else None
+    batch, flags, seen, t0 = [], [], 0, time.perf_counter()
+    for clip in Corpus(job.corpus, cfg.storage).iter_clips(rank, world, columns=["id", "frames", "width", "height", "num_frames"]):
+        if limit is not None and seen >= limit:
+            break
+        seen += 1
+        batch.append(clip_views(clip, job.views, size, job.seed))
+        flags.append(is_heldout(clip.id, job.heldout_fraction))
+        if len(batch) == job.batch_size:
+            search.add(torch.stack(batch), flags)
+            batch, flags = [], []
+    if batch:
+        search.add(torch.stack(batch), flags)
+    totals = torch.tensor([search.clips["fit"], search.clips["heldout"], search.seconds["forward"],
+                           search.seconds["accumulate"], time.perf_counter() - t0], dtype=torch.float64, device=device)
+    if world > 1:
+        for key in sorted(search.eq.state):
+            dist.all_reduce(search.eq.state[key])
+        dist.all_reduce(totals)
+    metrics = {"clips_fit": int(totals[0]), "clips_heldout": int(totals[1]), "forward_s": float(totals[2]),
+               "accumulate_s": float(totals[3]), "worker_s": float(totals[4])}
+    if rank == 0:
+        t1 = time.perf_counter()
+        fits = search.solve(job.ridge_lambda)
+        metrics["solve_s"] = time.perf_counter() - t1
+        summary = write_search_outputs(cfg, search, fits, metrics, world)
+        metrics.update(best=summary["best"], **{f"r2_heldout/{f.name}": f.r2_heldout for f in fits})
+    ray.train.report(metrics)
+
+
+def write_search_outputs(cfg: Config, search, fits, metrics: dict, world: int) -> dict:
+    """table.json, layers/<layer>.pt for every layer, best.pt; returns the table."""
+    from vist3a.io import join, write_text
+    from vist3a.stitching import StitchingLayer, save_stitch_checkpoint
+    from vist3a.stitching.checkpoint import stitch_checkpoint
+    from vist3a.stitching.search import best_layer
+
+    job = cfg.stitch_job
+    root = join(job.output, "search")
+    best = best_layer(fits)
+    rows = []
+    for f in fits:
+        layer = StitchingLayer(search.spec, search.in_channels)
+        layer.conv.weight.data.copy_(f.weight)
+        layer.conv.bias.data.copy_(f.bias)
+        meta = {"source": "ridge", **f.row(), "ridge_lambda": job.ridge_lambda, "corpus": job.corpus}
+        payload = stitch_checkpoint(layer, f.name, meta=meta)
+        uri = join(root, "layers", f"{f.name}.pt")
+        save_stitch_checkpoint(uri, payload, cfg.storage)
+        if f.name == best.name:
+            save_stitch_checkpoint(join(root, "best.pt"), payload, cfg.storage)
+        rows.append({**f.row(), "weights": uri})
+    table = {"best": best.name, "best_weights": join(root, "best.pt"), "layers": rows, "spec": cfg.model.stitch.spec,
+             "ridge_lambda": job.ridge_lambda, "heldout_fraction": job.heldout_fraction, "views": job.views,
+             "corpus": job.corpus, "workers": world, "rows_fit": search.eq.rows("fit"),
+             "rows_heldout": search.eq.rows("heldout"), **metrics}
+    write_text(join(root, "table.json"), json.dumps(table, indent=1, default=float), cfg.storage)
+    return table
+
+
+def run_search(cfg: Config) -> dict:
+    from ray.train import RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from vist3a.io import join, read_text
+    from vist3a.stitching.search import format_table
+
+    job = cfg.stitch_job
+    corpus = check_setup(cfg)
+    print(f"[stitch search] {len(corpus)} clips in {len(corpus.units())} row groups at {job.corpus}; "
+          f"{job.workers} worker(s); candidates {job.candidates or 'all'}", flush=True)
+    init_ray(cfg)
+    storage_path, fs = ray_storage(job.storage_path or join(job.output, "ray"), cfg.storage)
+    trainer = TorchTrainer(
+        search_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")}, scaling_config=scaling(cfg),
+        run_config=RunConfig(name=f"{job.name}-search-{uuid.uuid4().hex[:8]}", storage_path=storage_path,
+                             storage_filesystem=fs))
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    table = json.loads(read_text(join(job.output, "search", "table.json"), cfg.storage))
+    print(format_table(table["layers"], table["best"]), flush=True)
+    print(f"[stitch search] {table['clips_fit']} fit + {table['clips_heldout']} held-out clips; forward "
+          f"{table['forward_s']:.1f}s, accumulate {table['accumulate_s']:.1f}s, solve {table['solve_s']:.2f}s "
+          f"(summed over workers)", flush=True)
+    print(f"[stitch search] best layer {table['best']} -> {table['best_weights']}\n"
+          f"  next: python -m pipelines.stitch finetune --set model.stitch.cut={table['best']} "
+          f"--set stitch_job.init={table['best_weights']}", flush=True)
+    return table
+
+
+# ----------------------------------------------------------------------------- finetune
+
+
+class ClipSampler:
+    """The clips of step s on worker r: drawn from the worker's share with an RNG seeded by (seed, s, r),
+    so a restarted run sees exactly the batches the lost one would have."""
+
+    def __init__(self, corpus, rank: int, world: int, views: int, batch_size: int, size: int, seed: int):
+        self.corpus, self.rank, self.views, self.batch_size, self.size, self.seed = corpus, rank, views, batch_size, size, seed
+        self.indices = corpus.worker_clip_indices(rank, world)
+        if not self.indices:
+            raise ValueError(f"worker {rank} of {world} has no clips: the corpus has {len(corpus)}")
+
+    def batch(self, step: int):
+        import numpy as np
+        import torch
+
+        from vist3a.stitching.search import clip_views
+
+        rng = np.random.default_rng([self.seed, step, self.rank])
+        picks = rng.choice(self.indices, size=self.batch_size, replace=len(self.indices) < self.batch_size)
+        cols = ["id", "frames", "width", "height", "num_frames"]
+        return torch.stack([clip_views(self.corpus.clip(int(i), cols), self.views, self.size, self.seed, step)
+                            for i in picks])
+
+
+def finetune_loop(config: dict) -> None:
+    """Ray Train worker: resume or initialise, then step, report every step, checkpoint periodically."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from ray.train import Checkpoint
+
+    from vist3a.io import join
+    from vist3a.io.corpus import Corpus
+    from vist3a.stitching import read_stitch_checkpoint, save_stitch_checkpoint
+    from vist3a.stitching.finetune import StitchFinetuner, build_decoder
+
+    cfg = Config.model_validate(config["cfg"])
+    job = cfg.stitch_job
+    rank, world, device = worker_setup(cfg)
+    vae = load_vae(cfg, device)
+    ft = StitchFinetuner(build_decoder(cfg, vae, device), vae, job, vae_size(cfg), device)
+    checkpoint = ray.train.get_checkpoint()
+    resumed = checkpoint is not None
+    if resumed:
+        with checkpoint.as_directory() as d:
+            ft.load_state_dict(torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=True))
+        print(f"[stitch finetune] rank {rank}: resumed at step {ft.step}", flush=True)
+    elif job.init:
+        ft.init_stitch(read_stitch_checkpoint(job.init, cfg.storage), source=job.init)
+    model = ray.train.torch.prepare_model(ft.student)
+    sampler = ClipSampler(Corpus(job.corpus, cfg.storage), rank, world, job.views, job.batch_size,
+                          max(ft.vae_size, ft.image_size), job.seed)
+    start = ft.step
+    while ft.step < job.steps:
+        if job.fail_at_step is not None and ft.step == job.fail_at_step and not resumed and rank == 0:
+            raise RuntimeError(f"failure drill: stitch_job.fail_at_step={job.fail_at_step}")
+        metrics = ft.train_step(sampler.batch(ft.step), model, rank)
+        metrics.update(resumed_from=start if resumed else -1)
+        if ft.step % job.checkpoint_every == 0 or ft.step == job.steps:
+            with tempfile.TemporaryDirectory() as d:
+                if rank == 0:
+                    torch.save(ft.state_dict(), os.path.join(d, "state.pt"))
+                    with open(os.path.join(d, "config.json"), "w") as f:
+                        json.dump(config["cfg"], f)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
+        else:
+            ray.train.report(metrics)
+    if rank == 0:
+        meta = {"source": "finetune", "steps": job.steps, "corpus": job.corpus, "run": job.name,
+                "init": job.init, "final_loss": metrics["loss"] if ft.step > start else None}
+        save_stitch_checkpoint(join(job.output, "stitch.pt"), ft.export(meta), cfg.storage)
+
+
+def run_finetune(cfg: Config) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from vist3a.io import join
+
+    job = cfg.stitch_job
+    corpus = check_setup(cfg)
+    if job.init:
+        from vist3a.stitching import read_stitch_checkpoint
+
+        init = read_stitch_checkpoint(job.init, cfg.storage)  # fail now, not in every worker
+        if init["cut"] != cfg.model.stitch.cut:
+            raise ValueError(f"stitch_job.init {job.init} was fitted at {init['cut']}; set model.stitch.cut={init['cut']}")
+    storage_path, fs = ray_storage(job.storage_path or join(job.output, "ray"), cfg.storage)
+    print(f"[stitch finetune] {len(corpus)} clips; {job.workers} worker(s) x batch {job.batch_size}; {job.steps} steps; "
+          f"cut {cfg.model.stitch.cut}; init {job.init or 'random'}; checkpoints -> {storage_path}/{job.name}", flush=True)
+    init_ray(cfg)
+    trainer = TorchTrainer(
+        finetune_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")}, scaling_config=scaling(cfg),
+        run_config=RunConfig(name=job.name, storage_path=storage_path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=job.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=job.keep_checkpoints)))
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    metrics = result.metrics or {}  # empty when a finished run was resubmitted
+    summary = {"output": join(job.output, "stitch.pt"), "metrics": metrics,
+               "checkpoint": result.checkpoint.path if result.checkpoint else None,
+               "seconds": round(time.perf_counter() - t0, 2)}
+    print(f"[stitch finetune] done: step {metrics.get('step', job.steps)}, loss {metrics.get('loss', float('nan')):.4g}; "
+          f"stitch checkpoint {summary['output']} (load with model.stitch.weights)", flush=True)
+    return summary
+
+
+def init_ray(cfg: Config) -> None:
+    from pipelines.generate import init_ray as start
+
+    start(cfg)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.stitch", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""\
+examples:
+  python -m pipelines.make_corpus --procedural 64 --out out/corpus
+  python -m pipelines.stitch search --config deploy/stitch.yaml
+  python -m pipelines.stitch finetune --config deploy/stitch.yaml --set stitch_job.init=out/stitch/search/best.pt
+  ray job submit --working-dir . -- python -m pipelines.stitch finetune --config deploy/stitch.cluster.yaml
+Rerun finetune with the same stitch_job.name (and storage) to resume it.""")
+    p.add_argument("command", choices=("search", "finetune"))
+    p.add_argument("--config", default="deploy/stitch.yaml", help="YAML config (default: %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override one config key (repeatable), e.g. --set stitch_job.workers=4")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        (run_search if args.command == "search" else run_finetune)(cfg)
+    except (ConfigError, FileNotFoundError, PermissionError, ValueError) as exc:
+        print(f"stitch {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

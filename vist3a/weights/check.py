@@ -1,0 +1,337 @@
+"""Are the weights a config needs present, complete and the right ones? (`vist3a weights check`)
+
+One pass over the components a config loads (Wan directory, reconstruction checkpoint, our
+stitching layer and LoRA) that reports, for each: where it looked, what it found, what is missing
+or does not fit, and how to fetch it. Generation runs the same check at start-up, so missing
+weights stop it with this message instead of a stack trace from deep inside a model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vist3a.weights.convert import (
+    Checkpoint,
+    ConversionReport,
+    compare_state,
+    find_checkpoint,
+    plan_recon_checkpoint,
+)
+from vist3a.weights.locate import Location, WeightsError, classify, hub_repo, resolve
+
+
+@dataclass(frozen=True)
+class Release:
+    """A published checkpoint: where it is, which files we need, its licence, a suggested local dir."""
+
+    repo: str
+    what: str
+    files: tuple[str, ...]
+    licence: str
+    local_dir: str
+
+
+RELEASES = {
+    "wan2.1-1.3b": Release("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan 2.1 text-to-video 1.3B (diffusers format)",
+                           (), "Apache-2.0", "weights/wan2.1-t2v-1.3b"),
+    "wan2.1-14b": Release("Wan-AI/Wan2.1-T2V-14B-Diffusers", "Wan 2.1 text-to-video 14B (diffusers format)",
+                          (), "Apache-2.0", "weights/wan2.1-t2v-14b"),
+    "vggt-1b": Release("facebook/VGGT-1B", "VGGT-1B", ("model.safetensors",),
+                       "VGGT licence, non-commercial weights (see the model card)", "weights/vggt-1b"),
+    "anysplat": Release("lhjiang/anysplat", "AnySplat", ("model.safetensors", "config.json"),
+                        "code MIT; weights derived from VGGT-1B, non-commercial", "weights/anysplat"),
+}
+#: hub download filters: only what we load (repos also hold READMEs, images, duplicate formats).
+WAN_PATTERNS = ["model_index.json", "scheduler/*", "text_encoder/*", "tokenizer/*", "transformer/*", "vae/*"]
+RECON_PATTERNS = ["model.safetensors", "config.json"]
+WAN_WEIGHT_FILES = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+TEXT_ENCODER_FIELDS = ("vocab_size", "d_model", "d_ff", "d_kv", "num_layers", "num_heads")
+
+
+@dataclass
+class ComponentCheck:
+    name: str
+    key: str  # the config key naming its weights
+    spec: str | None
+    status: str  # ok | missing | invalid | random | unset
+    location: Location | None = None
+    found: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)
+    reports: list[ConversionReport] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("ok", "random", "unset")
+
+    def format(self) -> str:
+        tag = {"ok": "ok", "random": "random", "unset": "note", "missing": "MISSING", "invalid": "INVALID"}[self.status]
+        head = f"[{tag}] {self.name}: {self.key} = {self.spec!r}" if self.spec else f"[{tag}] {self.name}: {self.key} not set"
+        lines = [head]
+        loc = self.location
+        if loc is not None:
+            if loc.local is not None:
+                lines.append(f"    found at {loc.local}")
+            lines += [f"    looked: {w}" for w in loc.looked] if not loc.found else []
+            lines += [f"    note: {n}" for n in loc.notes]
+        lines += [f"    file: {f}" for f in self.found]
+        lines += [f"    problem: {p}" for p in self.problems]
+        lines += [f"    note: {n}" for n in self.notes]
+        for report in self.reports:
+            if not report.ok or self.status == "ok":
+                lines += ["    " + line for line in report.format().splitlines()]
+        lines += [f"    how to fix: {h}" if i == 0 else f"                {h}" for i, h in enumerate(self.hints)]
+        return "\n".join(lines)
+
+
+@dataclass
+class WeightsCheck:
+    preset: str
+    components: list[ComponentCheck]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.components)
+
+    def __str__(self) -> str:
+        verdict = "all weights present" if self.ok else "weights missing or unusable"
+        return "\n".join([f"weights for preset {self.preset!r}: {verdict}"] + [c.format() for c in self.components])
+
+    def local_config(self, cfg):
+        """`cfg` with every remote weights location replaced by its verified local copy."""
+        updates = {c.key: str(c.location.local) for c in self.components
+                   if c.location is not None and c.location.local is not None and c.location.kind != "local"}
+        if not updates:
+            return cfg
+        data = cfg.model_dump()
+        for key, value in updates.items():
+            node = data
+            *path, last = key.split(".")
+            for p in path:
+                node = node[p]
+            node[last] = value
+        return type(cfg).model_validate(data)
+
+
+def check_weights(cfg, *, fetch: bool = False, deep: bool = True, hub_cache_dir: str | None = None) -> WeightsCheck:
+    """Check every weight the config loads. `fetch` downloads remote locations that are not cached
+    (s3:// prefixes, hub ids); `deep` also matches the Wan files' tensor names and shapes against
+    the modules the preset describes (built on the meta device: no memory, a few seconds)."""
+    kw = dict(fetch=fetch, hub_cache_dir=hub_cache_dir)
+    model = cfg.model
+    comps = [_check_video(cfg, deep=deep, **kw), _check_recon(cfg, **kw)]
+    comps.append(_check_own(cfg, "stitch", "model.stitch.weights", model.stitch.weights,
+                            "the stitching layer starts from random weights (scenes will be noise until it is fitted)",
+                            needed=model.video.source == "pretrained" or model.recon.source == "pretrained", **kw))
+    comps.append(_check_own(cfg, "lora", "model.video.lora", model.video.lora, "no video LoRA (the base Wan model is used)",
+                            needed=False, **kw))
+    return WeightsCheck(cfg.preset, comps)
+
+
+def prepare_weights(cfg, *, fetch: bool = True, hub_cache_dir: str | None = None):
+    """Start-up check for generation: -> cfg with local weight paths, or WeightsError whose message
+    is the full check (what is missing, where we looked, how to fetch it)."""
+    result = check_weights(cfg, fetch=fetch, deep=False, hub_cache_dir=hub_cache_dir)
+    if not result.ok:
+        raise WeightsError(f"cannot start: {result}\n(run `vist3a weights check {cfg.preset}` to re-check)")
+    return result.local_config(cfg), result
+
+
+# ----------------------------------------------------------------------------- components
+
+
+def _release_for_video(cfg) -> Release | None:
+    layers = cfg.model.video.transformer.num_layers
+    return RELEASES.get({30: "wan2.1-1.3b", 40: "wan2.1-14b"}.get(layers, ""))
+
+
+def _release_for_recon(cfg) -> Release:
+    return RELEASES["anysplat" if "gaussians" in cfg.model.recon.heads else "vggt-1b"]
+
+
+def _fetch_hints(spec: str, key: str, release: Release | None, preset: str) -> list[str]:
+    kind = classify(spec)
+    repo = hub_repo(spec)[0] if kind == "hub" else (release.repo if release else None)
+    known = release if release is not None and release.repo == repo else None
+    hints = []
+    if repo:
+        local_dir = known.local_dir if known else "weights/" + repo.split("/")[-1].lower()
+        what = f" ({known.what}; licence: {known.licence})" if known else ""
+        files = " ".join(known.files) + " " if known and known.files else ""
+        hints.append(f"download {repo}{what} on a machine with network:")
+        hints.append(f"  hf download {repo} {files}--local-dir {local_dir}")
+        hints.append(f"then use it with --set {key}={local_dir} (a path, or an s3:// prefix you copied it to)")
+    if kind == "hub":
+        hints.append(f"or let vist3a download it: `vist3a weights check {preset} --fetch` on a machine with network")
+    if kind == "s3":
+        hints.append("check storage.s3_endpoint / AWS credentials, or upload a local copy: "
+                     f"`vist3a weights manifest DIR && aws s3 sync DIR {spec}`")
+    return hints
+
+
+def _check_video(cfg, *, deep: bool, fetch: bool, hub_cache_dir) -> ComponentCheck:
+    video = cfg.model.video
+    key = "model.video.weights"
+    if video.source == "random":
+        return ComponentCheck("video", "model.video.source", "random", "random")
+    if not video.weights:
+        release = _release_for_video(cfg)
+        hints = [f"set {key} to a diffusers-format Wan directory, s3:// prefix or hub id"
+                 + (f" (e.g. {release.repo})" if release else "")]
+        return ComponentCheck("video", key, None, "missing", problems=["no location configured"], hints=hints)
+    comp = ComponentCheck("video", key, video.weights, "ok")
+    try:
+        comp.location = resolve(video.weights, cfg.storage, fetch=fetch, allow_patterns=WAN_PATTERNS,
+                                hub_cache_dir=hub_cache_dir)
+    except WeightsError as exc:
+        comp.status, comp.problems = "invalid", [str(exc)]
+        return comp
+    if not comp.location.found:
+        comp.status = "missing"
+        comp.hints = _fetch_hints(video.weights, key, _release_for_video(cfg), cfg.preset)
+        return comp
+    root = comp.location.local
+    _check_diffusers_dir(root, video, comp, deep)
+    if comp.problems:
+        comp.status = "invalid"
+        comp.hints = _fetch_hints(video.weights, key, _release_for_video(cfg), cfg.preset)
+    return comp
+
+
+def _check_diffusers_dir(root: Path, video, comp: ComponentCheck, deep: bool) -> None:
+    if not root.is_dir():
+        comp.problems.append(f"{root} is not a directory (a diffusers-format Wan directory is needed)")
+        return
+    required = {"scheduler": ["scheduler_config.json"], "tokenizer": ["tokenizer_config.json"],
+                "text_encoder": ["config.json"], "transformer": ["config.json"], "vae": ["config.json"]}
+    for sub, names in required.items():
+        for name in names:
+            if not (root / sub / name).is_file():
+                comp.problems.append(f"missing {sub}/{name}")
+    shards = {}
+    for sub, stem in WAN_WEIGHT_FILES.items():
+        if (root / sub).is_dir():
+            files, problem = _weight_files(root / sub, stem)
+            if problem:
+                comp.problems.append(problem)
+            else:
+                shards[sub] = files
+                comp.found.append(f"{sub}: {len(files)} weight file(s), {sum(f.stat().st_size for f in files) / 1e9:.2f} GB")
+    expected = {
+        "transformer": {k: (list(v) if isinstance(v, tuple) else v) for k, v in video.transformer.model_dump().items()},
+        "vae": {k: (list(v) if isinstance(v, tuple) else v) for k, v in video.vae.model_dump().items()},
+        "text_encoder": {k: getattr(video.text_encoder, k) for k in TEXT_ENCODER_FIELDS},
+    }
+    for sub, want in expected.items():
+        conf_path = root / sub / "config.json"
+        if conf_path.is_file():
+            have = json.loads(conf_path.read_text())
+            diffs = [f"{k} {have[k]!r} (config expects {v!r})" for k, v in want.items() if k in have and have[k] != v]
+            if diffs:
+                comp.problems.append(f"{sub}/config.json describes another model: " + ", ".join(diffs))
+    if deep and not comp.problems:
+        comp.reports = _wan_key_reports(root, video, shards)
+        comp.problems += [f"{r.target}: checkpoint tensors do not fit (report below)" for r in comp.reports if not r.ok]
+
+
+def _weight_files(folder: Path, stem: str) -> tuple[list[Path], str | None]:
+    """The safetensors files of one diffusers/transformers folder, single or sharded (index complete)."""
+    single = folder / f"{stem}.safetensors"
+    index = folder / f"{stem}.safetensors.index.json"
+    if single.is_file():
+        return [single], None
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        absent = [n for n in names if not (folder / n).is_file()]
+        if absent:
+            return [], f"{folder.name}: {len(absent)} of {len(names)} shards missing ({', '.join(absent[:3])}...)"
+        return [folder / n for n in names], None
+    return [], f"{folder.name}: no {stem}.safetensors or {stem}.safetensors.index.json"
+
+
+def _header_shapes(files: list[Path]) -> dict[str, tuple]:
+    shapes = {}
+    for f in files:
+        shapes.update(Checkpoint(f).shapes)
+    return shapes
+
+
+def _wan_key_reports(root: Path, video, shards: dict[str, list[Path]]) -> list[ConversionReport]:
+    """Match the Wan files' tensor names/shapes against the modules the config describes (meta device)."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    reports = []
+    with torch.device("meta"):
+        v = video.vae
+        modules = {
+            "transformer": WanTransformer3DModel(**video.transformer.model_dump()),
+            "vae": AutoencoderKLWan(base_dim=v.base_dim, z_dim=v.z_dim, dim_mult=list(v.dim_mult),
+                                    num_res_blocks=v.num_res_blocks, temperal_downsample=list(v.temperal_downsample)),
+            "text_encoder": UMT5EncoderModel(UMT5Config.from_json_file(root / "text_encoder" / "config.json")),
+        }
+    for sub, module in modules.items():
+        if sub in shards:
+            reports.append(compare_state(_header_shapes(shards[sub]), module, source=str(root / sub),
+                                         target=type(module).__name__))
+    return reports
+
+
+def _check_recon(cfg, *, fetch: bool, hub_cache_dir) -> ComponentCheck:
+    rc = cfg.model.recon
+    key = "model.recon.weights"
+    if rc.source == "random":
+        return ComponentCheck("recon", "model.recon.source", "random", "random")
+    release = _release_for_recon(cfg)
+    if not rc.weights:
+        return ComponentCheck("recon", key, None, "missing", problems=["no location configured"],
+                              hints=[f"set {key} to a checkpoint file/directory, s3:// prefix or hub id (e.g. {release.repo})"])
+    comp = ComponentCheck("recon", key, rc.weights, "ok")
+    try:
+        comp.location = resolve(rc.weights, cfg.storage, fetch=fetch, allow_patterns=RECON_PATTERNS,
+                                hub_cache_dir=hub_cache_dir)
+    except WeightsError as exc:
+        comp.status, comp.problems = "invalid", [str(exc)]
+        return comp
+    if not comp.location.found:
+        comp.status = "missing"
+        comp.hints = _fetch_hints(rc.weights, key, release, cfg.preset)
+        return comp
+    try:
+        path = find_checkpoint(comp.location.local)
+        comp.found.append(f"{path} ({path.stat().st_size / 1e9:.2f} GB)")
+        report = plan_recon_checkpoint(rc, Checkpoint(path)).report
+        comp.reports.append(report)
+        if not report.ok:
+            comp.problems.append("the checkpoint does not fit the configured network (report below)")
+    except Exception as exc:  # noqa: BLE001 - unreadable/corrupt files are a finding, not a crash
+        comp.problems.append(f"{type(exc).__name__}: {exc}")
+    if comp.problems:
+        comp.status = "invalid"
+        comp.hints = _fetch_hints(rc.weights, key, release, cfg.preset)
+    return comp
+
+
+def _check_own(cfg, name: str, key: str, spec: str | None, unset_note: str, *, needed: bool, fetch: bool,
+               hub_cache_dir) -> ComponentCheck:
+    """Our own checkpoints (stitching layer, LoRA): present or not; unset is a note, not an error."""
+    if not spec:
+        comp = ComponentCheck(name, key, None, "unset")
+        if needed:
+            comp.notes.append(unset_note)
+        return comp
+    comp = ComponentCheck(name, key, spec, "ok")
+    try:
+        comp.location = resolve(spec, cfg.storage, fetch=fetch, hub_cache_dir=hub_cache_dir)
+    except WeightsError as exc:
+        comp.status, comp.problems = "invalid", [str(exc)]
+        return comp
+    if not comp.location.found:
+        comp.status = "missing"
+        comp.hints = [f"point {key} at the checkpoint written by the stitching/fine-tuning job, or unset it"]
+    return comp
