@@ -6,11 +6,12 @@ PIP := $(VENV)/bin/pip
 
 .PHONY: demo test venv clean
 
-$(VENV)/.installed: pyproject.toml constraints-dev.txt
+$(VENV)/.installed: pyproject.toml constraints-dev.txt package.json package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints-dev.txt torch==2.13.0
 	$(PIP) install -q -c constraints-dev.txt -e '.[test]'
+	npm ci --no-audit --no-fund --loglevel=error   # the web viewer's splat renderer (served by pipelines.serve)
 	touch $@
 
 venv: $(VENV)/.installed

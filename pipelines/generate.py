@@ -48,8 +48,11 @@ class ValidatePrompts:
         from vist3a.config import Config
         from vist3a.video import load_tokenizer
 
+        from vist3a.generator import SceneGenerator
+
         self.cfg = Config.model_validate(cfg_dict)
-        self.tokenizer = load_tokenizer(self.cfg.model.video)
+        local = SceneGenerator.startup_check(self.cfg)  # hub ids / s3:// made local on this node
+        self.tokenizer = load_tokenizer(local.model.video)
 
     def __call__(self, batch: dict) -> dict:
         from vist3a.video import check_prompt
@@ -220,9 +223,12 @@ def run(cfg: Config) -> dict:
     from vist3a.io import ensure_writable
     from vist3a.io.prompts import read_prompts
 
+    from vist3a.generator import SceneGenerator
+
     job = cfg.generate
     t0 = time.perf_counter()
     ensure_writable(job.output, cfg.storage)
+    SceneGenerator.startup_check(cfg)  # missing weights fail here, before Ray or any GPU starts
     table, stats = read_prompts(job.input, cfg.storage)
     if job.limit:
         table = table.slice(0, job.limit)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -42,7 +43,7 @@ log = logging.getLogger("vist3a.serve")
 WEB_DIR = Path(__file__).resolve().parent / "web"
 # Browser packages installed by `npm install` (Makefile `venv`); never committed, never from a CDN.
 NODE_MODULES = Path(os.environ.get("VIST3A_NODE_MODULES", Path(__file__).resolve().parents[1] / "node_modules"))
-VENDOR_ROOTS = {"three": "three", "spark": "@sparkjsdev/spark/dist"}
+VENDOR_ROOTS = {"three": "three", "spark": "@sparkjsdev/spark/dist", "swagger-ui": "swagger-ui-dist"}
 API_KEY_HEADER = "X-API-Key"
 
 
@@ -206,6 +207,8 @@ app = FastAPI(
     version="1",
     description="Text to 3D Gaussian-splat scenes. POST a prompt, poll the status, fetch the .ply. "
                 "When the server has an API key, send it in the X-API-Key header.",
+    docs_url=None,   # served below from node_modules: FastAPI's default page loads Swagger UI from a CDN
+    redoc_url=None,
 )
 
 
@@ -379,7 +382,15 @@ class SceneAPI:
         return {"status": "ok", "pending": len(self.pending), "max_queued_generations": self.cfg.serve.max_queued_generations,
                 "api_key_required": self.api_key is not None}
 
-    # -- viewer page
+    # -- viewer page and API docs
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request):
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="vist3a API",
+                                   swagger_js_url=f"{root}/vendor/swagger-ui/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}/vendor/swagger-ui/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}/vendor/swagger-ui/favicon-32x32.png")
 
     @app.get("/", include_in_schema=False)
     async def index(self):
@@ -387,7 +398,7 @@ class SceneAPI:
 
     @app.get("/vendor/{package}/{path:path}", include_in_schema=False)
     async def vendor(self, package: str, path: str):
-        """three.js and Spark from node_modules (installed by `npm install`)."""
+        """three.js, Spark and Swagger UI from node_modules (installed by `npm ci`)."""
         if package not in VENDOR_ROOTS:
             return error(404, "unknown package")
         root = (NODE_MODULES / VENDOR_ROOTS[package]).resolve()

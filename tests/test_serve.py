@@ -16,7 +16,7 @@ from PIL import Image
 from plyfile import PlyData
 
 from conftest import REPO
-from vist3a.config import ConfigError, load_config
+from vist3a.config import ConfigError
 from vist3a.io.scene_store import SceneStore, id_time, is_scene_id, new_scene_id
 
 DONE = ("done", "failed")
@@ -97,7 +97,7 @@ class StubGenerator:
         if "boom" in prompts:
             raise RuntimeError("boom in the batch")
         scenes = []
-        for p, s in zip(prompts, seeds):
+        for p, s in zip(prompts, seeds, strict=True):
             n = 3 + len(p)
             g = Gaussians(means=torch.randn(n, 3), quats=torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1),
                           scales=torch.full((n, 3), 0.1), opacities=torch.full((n,), 0.5), sh=torch.zeros(n, 1, 3))
@@ -125,7 +125,7 @@ def test_run_batch_isolates_a_failing_item_and_groups_by_settings(tmp_path):
     # steps=2 group as one call, then one call per item after it failed; steps=3 alone.
     assert gen.calls == [(["ab", "boom", "abcd"], 2, 5.0), (["ab"], 2, 5.0), (["boom"], 2, 5.0), (["abcd"], 2, 5.0),
                          (["xyz"], 3, 5.0)]
-    for job, o in zip(jobs, out):
+    for job, o in zip(jobs, out, strict=True):
         rec = store.get_status(job["id"])
         assert rec["status"] == o["status"]
         if o["status"] == "done":
@@ -293,7 +293,9 @@ def test_docs_health_and_viewer_page(client):
     body = spec["paths"]["/v1/scenes"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert set(body["properties"]) == {"prompt", "seed", "steps", "guidance"} and body["required"] == ["prompt"]
     assert {"/v1/scenes/{scene_id}", "/v1/scenes/{scene_id}/{name}", "/healthz"} <= set(spec["paths"])
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/vendor/swagger-ui/swagger-ui-bundle.js" in docs.text
+    assert "https://" not in docs.text  # Swagger UI from this server, not a CDN
     page = client.get("/")
     assert page.status_code == 200 and '"@sparkjsdev/spark": "/vendor/spark/spark.module.js"' in page.text
     assert "http://" not in page.text and "https://" not in page.text  # everything from this server, no CDN
@@ -302,6 +304,8 @@ def test_docs_health_and_viewer_page(client):
     if os.path.isdir(os.path.join(REPO, "node_modules")):
         js = client.get("/vendor/spark/spark.module.js")
         assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+        assert client.get("/vendor/swagger-ui/swagger-ui-bundle.js").status_code == 200
+        assert client.get("/vendor/swagger-ui/swagger-ui.css").headers["content-type"].startswith("text/css")
 
 
 # ----------------------------------------------------------------------------- API key

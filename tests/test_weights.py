@@ -255,7 +255,24 @@ def test_hub_id_without_network_reports_where_it_looked(tmp_path):
     assert not loc.found and str(tmp_path) in loc.looked[0] and "hub not contacted" in loc.notes[-1]
     loc = resolve("facebook/VGGT-1B", fetch=True, allow_patterns=["config.json"], hub_cache_dir=str(tmp_path))
     assert not loc.found and "https://huggingface.co/facebook/VGGT-1B" in loc.looked
-    assert loc.notes[-1].startswith("hub download failed")
+    assert loc.notes[0].startswith("hub download failed") and loc.notes[1].startswith("not in the cache")
+
+
+def test_hub_id_found_in_the_cache_offline(tmp_path):
+    """A cached snapshot (the Hugging Face cache layout) is used without contacting the hub."""
+    net = ReconNet(small(heads=ANYSPLAT_HEADS, sh_degree=4))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = tmp_path / "hub" / "models--lhjiang--anysplat"
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    save_file({k: v.contiguous() for k, v in released_anysplat(net).items()}, str(snapshot / "model.safetensors"))
+    cfg = build_config({"model": {"recon": {**SMALL, "heads": list(ANYSPLAT_HEADS), "sh_degree": 4,
+                                            "source": "pretrained", "weights": "lhjiang/anysplat"}}})
+    result = check_weights(cfg, hub_cache_dir=str(tmp_path / "hub"))
+    assert result.ok, str(result)
+    assert result.local_config(cfg).model.recon.weights == str(snapshot)
 
 
 def _upload(directory, bucket: str, prefix: str) -> None:

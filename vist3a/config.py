@@ -74,7 +74,8 @@ class VideoModelConfig(Strict):
     text_encoder: TextEncoderConfig = TextEncoderConfig()
     transformer: WanTransformerConfig = WanTransformerConfig()
     vae: WanVAEConfig = WanVAEConfig()
-    lora: str | None = Field(None, description="aligned LoRA checkpoint (directory or s3://) loaded into the transformer")
+    lora: str | None = Field(None, description="aligned LoRA directory (pipelines.align output lora_ema/ or lora/; "
+                                               "local, s3:// or hub id) merged into the transformer; None: the base model")
 
 
 # ----------------------------------------------------------------------------- reconstruction side
@@ -295,6 +296,93 @@ class StitchJobConfig(Strict):
         return v
 
 
+#: Reward fine-tuning terms and their default weights: CLIP-family quality of the rendered views, 3D
+#: consistency (renders vs decoded frames), representation quality (depth agreement, coverage, scales),
+#: and the plain flow-matching loss on a clip corpus (keeps the prior; needs align.corpus).
+ALIGN_REWARD_WEIGHTS = {"quality": 1.0, "consistency": 0.05, "representation": 0.05, "diffusion": 0.0}
+#: Wan attention projections that carry the video LoRA (self- and cross-attention).
+ALIGN_LORA_TARGETS = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                      "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+
+
+class AlignJobConfig(Strict):
+    """pipelines.align: direct reward fine-tuning of the video generator (LoRA) through the stitched decoder, on Ray Train."""
+
+    prompts: str = Field("deploy/prompts/demo.txt", description="prompt set: file, glob, directory or s3:// prefix")
+    output: str = Field("out/align", description="lora/, lora_ema/ and meta.json go here (local or s3://)")
+    storage_path: str | None = Field(None, description="Ray Train checkpoints (local or s3://); default <output>/ray")
+    name: str = Field("align", description="Ray Train run name; rerunning the same name resumes it")
+    workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU); gradients are averaged across them")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    batch_size: int = Field(1, ge=1, description="prompts per worker per step")
+    steps: int = Field(20, ge=1, description="optimisation steps in all")
+    seed: int = 0
+    # LoRA and optimiser
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0.0)
+    lora_targets: list[str] = Field(default_factory=lambda: list(ALIGN_LORA_TARGETS),
+                                    description="module name suffixes in the Wan transformer")
+    lr: float = Field(1e-4, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    ema_decay_max: float = Field(0.99, ge=0.0, lt=1.0, description="EMA decay min((1+step)/(10+step), this)")
+    # rollout
+    steps_min: int = Field(2, ge=1, description="denoising steps per rollout ~ U{steps_min..steps_max} (paper: 10..50)")
+    steps_max: int = Field(3, ge=1)
+    grad_steps: int = Field(1, ge=1, description="denoising steps that keep gradients (K)")
+    grad_step_choice: Literal["last", "random"] = Field(
+        "last", description="last: the last K steps; random: the last step plus K-1 drawn at random (paper, K=3)")
+    guidance_min: float = Field(4.0, ge=0.0, description="CFG scale per rollout ~ U[guidance_min, guidance_max]; <= 1 disables CFG")
+    guidance_max: float = Field(6.0, ge=0.0)
+    shift: float = Field(3.0, gt=0.0)
+    gradient_checkpointing: bool = Field(False, description="recompute transformer blocks in backward (memory for time)")
+    prompt_templates: list[str] = Field(default_factory=lambda: ["{prompt}"],
+                                        description="one drawn per prompt and step; {prompt} is the prompt (camera-motion wording)")
+    # rewards
+    reward_weights: dict[str, float] = Field(default_factory=lambda: dict(ALIGN_REWARD_WEIGHTS),
+                                             description="keys not given keep their default")
+    scorer: str | None = Field(None, description="CLIP-family scorer in transformers' format: directory, s3:// or hub id")
+    scorer_tokenizer: str | None = Field(None, description="where its tokenizer/preprocessor are, when not beside it")
+    views: int = Field(2, ge=1, description="views per scene rendered at the predicted cameras")
+    render_stride: int = Field(1, ge=1, description="render every n-th pixel's Gaussian at 1/n resolution (cheap on CPU)")
+    max_scale_ratio: float = Field(0.05, gt=0.0, description="Gaussians larger than this x median depth are penalised")
+    corpus: str | None = Field(None, description="clip corpus for the diffusion (flow-matching) loss; captions are the prompts")
+    # checkpoints
+    checkpoint_every: int = Field(10, ge=1, description="steps between checkpoints (and the last step)")
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=0, description="worker failures a run restarts from its last checkpoint after")
+    fail_at_step: int | None = Field(None, ge=0, description="failure drill: raise at this step unless resumed (tests)")
+
+    @field_validator("reward_weights")
+    @classmethod
+    def _reward_terms(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(ALIGN_REWARD_WEIGHTS))
+        if unknown:
+            raise ValueError(f"unknown reward terms {unknown}; known: {', '.join(ALIGN_REWARD_WEIGHTS)}")
+        if any(w < 0 for w in v.values()):
+            raise ValueError("reward weights must be >= 0")
+        return {**ALIGN_REWARD_WEIGHTS, **v}
+
+    @field_validator("prompt_templates")
+    @classmethod
+    def _templates(cls, v: list[str]) -> list[str]:
+        if not v or any("{prompt}" not in t for t in v):
+            raise ValueError("prompt_templates must be a non-empty list of strings containing {prompt}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "AlignJobConfig":
+        if self.steps_max < self.steps_min:
+            raise ValueError(f"steps_max {self.steps_max} < steps_min {self.steps_min}")
+        if self.grad_steps > self.steps_min:
+            raise ValueError(f"grad_steps {self.grad_steps} exceeds steps_min {self.steps_min}")
+        if self.guidance_max < self.guidance_min:
+            raise ValueError(f"guidance_max {self.guidance_max} < guidance_min {self.guidance_min}")
+        return self
+
+
 class Config(Strict):
     preset: str = "tiny"
     model: ModelConfig = ModelConfig()
@@ -306,6 +394,7 @@ class Config(Strict):
     generate: GenerateJobConfig = GenerateJobConfig()
     serve: ServeJobConfig = ServeJobConfig()
     stitch_job: StitchJobConfig = StitchJobConfig()
+    align: AlignJobConfig = AlignJobConfig()
 
     @model_validator(mode="after")
     def _check_cross(self) -> "Config":

@@ -74,14 +74,14 @@ class SceneGenerator:
         self.device = resolve_device(self.cfg.runtime.device)
         self.dtype = getattr(torch, self.cfg.runtime.dtype)
         t0 = time.perf_counter()
-        local_cfg = self._startup_check(self.cfg)
+        local_cfg = self.startup_check(self.cfg)
         self.video = build_video(local_cfg, self.device, self.dtype)
         self.decoder = build_stitched_decoder(local_cfg, self.video, self.device)
         self.load_seconds = time.perf_counter() - t0
         self.fingerprint = fingerprint(self.cfg.model.model_dump())
 
     @staticmethod
-    def _startup_check(cfg: Config) -> Config:
+    def startup_check(cfg: Config) -> Config:
         """Refuse, before loading anything, what cannot work: no Gaussian head, or weights that are
         missing or do not fit (WeightsError / FileNotFoundError whose message says what is missing,
         where it looked and how to fetch it). Returns the config with remote weights made local."""

@@ -19,6 +19,10 @@ class VideoModel:
 
         self.cfg = cfg
         self.components = build_wan(cfg.model.video, device=device, dtype=dtype)
+        if cfg.model.video.lora:  # an aligned LoRA (pipelines.align), merged: generation runs at base cost
+            from vist3a.train.align import load_video_lora
+
+            load_video_lora(self.components.transformer, cfg.model.video.lora, cfg.storage)
         self.sampler = VideoSampler(self.components)
 
     def check_prompt(self, prompt) -> str | None:

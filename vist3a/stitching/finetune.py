@@ -69,25 +69,36 @@ def depth_gradient_l1(student: Tensor, teacher: Tensor, scales: int = 3) -> Tens
     return total / max(used, 1)
 
 
+def every_nth_pixel(views: int, height: int, width: int, stride: int) -> Tensor:
+    """Indices of the pixel-aligned Gaussians (ordered view, row, column) of every stride-th row and column."""
+    rows, cols = torch.arange(0, height, stride), torch.arange(0, width, stride)
+    return ((torch.arange(views)[:, None, None] * height + rows[None, :, None]) * width + cols[None, None, :]).flatten()
+
+
+def render_l1(gaussians: Gaussians, viewmats: Tensor, intrinsics: Tensor, targets: Tensor, stride: int = 1) -> Tensor:
+    """L1 between renders at cameras (viewmats [V,4,4], pixel intrinsics [V,3,3] at the targets' size) and
+    targets [V,3,H,W]. stride n renders at 1/n resolution against n x n averaged targets (give it the
+    Gaussians of every n-th pixel, `every_nth_pixel`): n^3 less work, for CPU runs."""
+    k = intrinsics.clone()
+    k[..., :2, :] /= stride  # continuous pixel coordinates scale by 1/n
+    if stride > 1:
+        targets = F.avg_pool2d(targets, stride)
+    cams = Cameras(viewmats=viewmats, Ks=k, width=targets.shape[-1], height=targets.shape[-2])
+    return (render(gaussians, cams).colors.permute(0, 3, 1, 2) - targets).abs().mean()
+
+
 def render_loss(scenes: list[Gaussians], teacher, images: Tensor, views: int, stride: int,
                 generator: torch.Generator) -> Tensor:
-    """L1 between the student's pixel-aligned Gaussians (one list entry per clip, S*H*W each, in pixel
-    order) rendered at `views` random teacher cameras and those frames.
-
-    stride n keeps the Gaussians of every n-th pixel and renders at 1/n resolution against n x n
-    averaged frames: n^3 less work, for CPU runs; on a GPU use 1."""
+    """The student's pixel-aligned Gaussians (one entry per clip) rendered at `views` random teacher
+    cameras against those input frames [B,S,3,H,W]."""
     b, s, _, h, w = images.shape
-    rows, cols = torch.arange(0, h, stride), torch.arange(0, w, stride)
-    target = F.avg_pool2d(images.flatten(0, 1), stride).unflatten(0, (b, s)) if stride > 1 else images
+    keep = every_nth_pixel(s, h, w, stride)
     losses = []
     for i, scene in enumerate(scenes):
         pick = torch.randperm(s, generator=generator)[:views].tolist()
-        keep = ((torch.arange(s)[:, None, None] * h + rows[None, :, None]) * w + cols[None, None, :]).flatten()
-        k = teacher.intrinsics[i, pick].detach().clone()
-        k[..., :2, :] /= stride  # continuous pixel coordinates scale by 1/n
-        cams = Cameras(viewmats=teacher.extrinsics[i, pick].detach(), Ks=k, width=len(cols), height=len(rows))
-        colors = render(scene.select(keep.to(scene.device)), cams).colors  # [V, h/n, w/n, 3]
-        losses.append((colors.permute(0, 3, 1, 2) - target[i, pick]).abs().mean())
+        subset = scene.select(keep.to(scene.device)) if stride > 1 else scene
+        losses.append(render_l1(subset, teacher.extrinsics[i, pick].detach(), teacher.intrinsics[i, pick].detach(),
+                                images[i, pick], stride))
     return torch.stack(losses).mean()
 
 

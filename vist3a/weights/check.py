@@ -1,7 +1,7 @@
 """Are the weights a config needs present, complete and the right ones? (`vist3a weights check`)
 
 One pass over the components a config loads (Wan directory, reconstruction checkpoint, our
-stitching layer and LoRA) that reports, for each: where it looked, what it found, what is missing
+stitching-layer checkpoint and, where the schema has one, a video LoRA) that reports, for each: where it looked, what it found, what is missing
 or does not fit, and how to fetch it. Generation runs the same check at start-up, so missing
 weights stop it with this message instead of a stack trace from deep inside a model.
 """
@@ -122,14 +122,15 @@ def check_weights(cfg, *, fetch: bool = False, deep: bool = True, hub_cache_dir:
     """Check every weight the config loads. `fetch` downloads remote locations that are not cached
     (s3:// prefixes, hub ids); `deep` also matches the Wan files' tensor names and shapes against
     the modules the preset describes (built on the meta device: no memory, a few seconds)."""
-    kw = dict(fetch=fetch, hub_cache_dir=hub_cache_dir)
+    kw = {"fetch": fetch, "hub_cache_dir": hub_cache_dir}
     model = cfg.model
     comps = [_check_video(cfg, deep=deep, **kw), _check_recon(cfg, **kw)]
     comps.append(_check_own(cfg, "stitch", "model.stitch.weights", model.stitch.weights,
                             "the stitching layer starts from random weights (scenes will be noise until it is fitted)",
                             needed=model.video.source == "pretrained" or model.recon.source == "pretrained", **kw))
-    comps.append(_check_own(cfg, "lora", "model.video.lora", model.video.lora, "no video LoRA (the base Wan model is used)",
-                            needed=False, **kw))
+    if "lora" in type(model.video).model_fields:  # the reward-tuned video LoRA, where the schema has one
+        comps.append(_check_own(cfg, "lora", "model.video.lora", model.video.lora,
+                                "no video LoRA (the base Wan model is used)", needed=False, **kw))
     return WeightsCheck(cfg.preset, comps)
 
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -124,8 +125,9 @@ class Checkpoint:
 
             self._st = safe_open(str(self.path), framework="pt", device="cpu")
             self._tensors = None
-            self.shapes = {k: tuple(self._st.get_slice(k).get_shape()) for k in self._st.keys()}
-            self.dtypes = {k: _st_dtype(self._st.get_slice(k).get_dtype()) for k in self._st.keys()}
+            slices = {k: self._st.get_slice(k) for k in self._st.keys()}  # noqa: SIM118 - safe_open is no dict
+            self.shapes = {k: tuple(sl.get_shape()) for k, sl in slices.items()}
+            self.dtypes = {k: _st_dtype(sl.get_dtype()) for k, sl in slices.items()}
         else:
             self._st = None
             self._tensors = _unwrap(_torch_load(self.path), self.path)
@@ -230,7 +232,7 @@ def plan_recon(shapes: Mapping[str, tuple], dtypes: Mapping[str, torch.dtype] | 
     entries: dict[str, tuple[str, Callable | None]] = {}
     for key in keys:
         if not key.startswith(prefix):
-            rest = key[len("model."):] if key.startswith("model.") else key
+            rest = key.removeprefix("model.")
             if prefix.endswith("encoder.") and rest.startswith("decoder."):
                 report.ignored[key] = "AnySplat's rasterising decoder: vist3a renders with its own renderer"
             else:
@@ -250,7 +252,7 @@ def plan_recon(shapes: Mapping[str, tuple], dtypes: Mapping[str, torch.dtype] | 
         adapt = None
         if have != want and name == POS_EMBED and _square_grid(have) and _square_grid(want) and have[2] == want[2]:
             src, dst = math.isqrt(have[1] - 1), math.isqrt(want[1] - 1)
-            adapt = lambda t, g=dst: resize_pos_embed(t, g)  # noqa: E731
+            adapt = partial(resize_pos_embed, grid=dst)
             report.adapted[name] = f"position grid {src}x{src} -> {dst}x{dst} (bicubic, antialiased, float32)"
         elif have != want:
             report.misshaped[name] = (have, want)

@@ -65,7 +65,7 @@ def classify(spec: str) -> str:
 
 def hub_repo(spec: str) -> tuple[str, str | None]:
     """'hf://owner/name@rev' or 'owner/name' -> ('owner/name', 'rev' | None)."""
-    repo = spec[len("hf://"):] if spec.startswith("hf://") else spec
+    repo = spec.removeprefix("hf://")
     repo, _, revision = repo.partition("@")
     return repo, revision or None
 
@@ -292,25 +292,29 @@ def _download_s3(uri: str, target: Path, storage) -> str:
 
 
 def _resolve_hub(spec: str, fetch: bool, allow_patterns: list[str] | None, cache_dir: str | None) -> Location:
+    """With `fetch`, ask the hub first (it downloads only what the cache lacks, so a partial earlier
+    download is completed) and fall back to the cache when the hub is unreachable; without it,
+    the cache alone."""
     from huggingface_hub import constants, snapshot_download
 
     repo, revision = hub_repo(spec)
     cache = cache_dir or constants.HF_HUB_CACHE
     loc = Location(spec, "hub", looked=[f"{cache} (Hugging Face cache, repo {repo})"])
-    kwargs = dict(repo_id=repo, revision=revision, allow_patterns=allow_patterns, cache_dir=cache_dir)
+    kwargs = {"repo_id": repo, "revision": revision, "allow_patterns": allow_patterns, "cache_dir": cache_dir}
+    if fetch:
+        loc.looked.append(f"https://huggingface.co/{repo}")
+        try:
+            loc.local = Path(snapshot_download(**kwargs))
+            return loc
+        except Exception as exc:  # noqa: BLE001 - offline, gated, unknown repo: all reported the same way
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            loc.notes.append(f"hub download failed ({type(exc).__name__}: {first_line[:200]})")
     try:
         loc.local = Path(snapshot_download(local_files_only=True, **kwargs))
-        return loc
+        if fetch:
+            loc.notes.append("using the cached copy")
     except Exception as exc:  # noqa: BLE001 - not cached, in any of its spellings
         loc.notes.append(f"not in the cache ({type(exc).__name__})")
-    if not fetch:
-        loc.notes.append("hub not contacted (fetching was not asked for)")
-        return loc
-    loc.looked.append(f"https://huggingface.co/{repo}")
-    try:
-        loc.local = Path(snapshot_download(**kwargs))
-        loc.notes.append("downloaded from the hub")
-    except Exception as exc:  # noqa: BLE001 - offline, gated, unknown repo: all reported the same way
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        loc.notes.append(f"hub download failed ({type(exc).__name__}: {first_line[:200]})")
+        if not fetch:
+            loc.notes.append("hub not contacted (fetching was not asked for)")
     return loc

@@ -1,0 +1,1 @@
+"""Training of the video generator: reward fine-tuning (align)."""
