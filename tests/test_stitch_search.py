@@ -194,6 +194,8 @@ def test_search_on_ray_two_workers_equals_one_pass(ray_local, s3_server, s3_buck
         assert row["r2_heldout"] == pytest.approx(f.r2_heldout, rel=1e-6, abs=1e-9)
         payload = read_stitch_checkpoint(row["weights"])
         assert payload["cut"] == f.name
-        torch.testing.assert_close(payload["stitch"]["conv.weight"], f.weight, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(payload["stitch"]["conv.bias"], f.bias, rtol=1e-4, atol=1e-6)
+        # float32 forward passes on 1 thread (workers) vs 2 (here) round differently; the fit amplifies that a little
+        scale = float(f.weight.abs().max())
+        torch.testing.assert_close(payload["stitch"]["conv.weight"], f.weight, rtol=1e-3, atol=1e-4 * scale)
+        torch.testing.assert_close(payload["stitch"]["conv.bias"], f.bias, rtol=1e-3, atol=1e-4 * scale)
     assert read_stitch_checkpoint(table["best_weights"])["cut"] == table["best"]

@@ -246,6 +246,18 @@ class AlignTrainer:
                                              job.max_scale_ratio))
         return out
 
+    @torch.no_grad()
+    def evaluate(self, prompts: list[str], seeds: list[int], steps: int | None = None, guidance: float | None = None,
+                 ema: bool = False) -> dict[str, float]:
+        """Mean reward terms of fixed prompts and noise seeds (no templates, views 0..V-1): comparable across steps."""
+        job = self.job
+        v = min(job.views, self.cfg.sampling.frames)
+        plan = Rollout(steps or job.steps_max, job.guidance_min if guidance is None else guidance, [], list(seeds),
+                       list(prompts), [list(range(v))] * len(prompts), 0)
+        with self.ema_weights() if ema else _nothing():
+            terms = self.rewards(self.rollout(prompts, plan), prompts, plan.views)
+        return {k: float(t.mean()) for k, t in terms.items()}
+
     def diffusion_loss(self, frames: Tensor, captions: list[str], noise_seed: int) -> Tensor:
         """Plain flow-matching loss on clips [B,T,3,H,W] in [0,1]: sigma ~ U(0,1), z = (1-sigma) z0 + sigma eps,
         the transformer predicts eps - z0 (MSE). Keeps the video prior while the rewards pull on it."""
@@ -376,6 +388,11 @@ class AlignTrainer:
         save_lora_dir(join(uri, "lora_ema"), self.lora_config, ema, storage, meta)
         write_text(join(uri, "meta.json"), json.dumps(meta, indent=1, default=str), storage)
         return {"lora": join(uri, "lora"), "lora_ema": join(uri, "lora_ema")}
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 def average_gradients(params: list[Tensor], world: int) -> None:

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
 from vist3a.config import VideoModelConfig
+from vist3a.video.text import _weights_root, load_tokenizer  # noqa: F401 - re-exported
 
 SUBFOLDERS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 #: Wan 2.1's released scheduler: UniPC on flow sigmas; the sampler overrides flow_shift per call.
@@ -47,27 +48,6 @@ def _random_text_encoder(cfg: VideoModelConfig) -> UMT5EncoderModel:
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )
     return UMT5EncoderModel(conf)
-
-
-def load_tokenizer(cfg: VideoModelConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer alone (cheap): what prompt validation needs, without loading any model."""
-    if cfg.source == "pretrained":
-        root = _weights_root(cfg)
-        return AutoTokenizer.from_pretrained(root / "tokenizer")
-    if cfg.text_encoder.tokenizer != "byt5":
-        raise ValueError("model.video.text_encoder.tokenizer: 'pretrained' needs model.video.source: pretrained")
-    return ByT5Tokenizer()
-
-
-def _weights_root(cfg: VideoModelConfig) -> Path:
-    if not cfg.weights:
-        raise ValueError("model.video.weights must name a diffusers-format directory when model.video.source is 'pretrained'")
-    if "://" in cfg.weights:
-        raise ValueError(f"model.video.weights {cfg.weights!r} is a URI; fetch it to a local directory first")
-    root = Path(cfg.weights).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"video weights directory not found: {root}")
-    return root
 
 
 def _random_components(cfg: VideoModelConfig) -> WanComponents:

@@ -5,11 +5,37 @@ no mask, so the fixed length also keeps each item independent of the rest of the
 from __future__ import annotations
 
 import html
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
 
-from vist3a.video.components import WanComponents
+from vist3a.config import VideoModelConfig
+
+if TYPE_CHECKING:  # components imports diffusers (slow); prompt checks need only the tokenizer
+    from vist3a.video.components import WanComponents
+
+
+def load_tokenizer(cfg: VideoModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer alone (cheap): what prompt validation needs, without loading any model."""
+    if cfg.source == "pretrained":
+        root = _weights_root(cfg)
+        return AutoTokenizer.from_pretrained(root / "tokenizer")
+    if cfg.text_encoder.tokenizer != "byt5":
+        raise ValueError("model.video.text_encoder.tokenizer: 'pretrained' needs model.video.source: pretrained")
+    return ByT5Tokenizer()
+
+
+def _weights_root(cfg: VideoModelConfig) -> Path:
+    if not cfg.weights:
+        raise ValueError("model.video.weights must name a diffusers-format directory when model.video.source is 'pretrained'")
+    if "://" in cfg.weights:
+        raise ValueError(f"model.video.weights {cfg.weights!r} is a URI; fetch it to a local directory first")
+    root = Path(cfg.weights).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"video weights directory not found: {root}")
+    return root
 
 
 def clean_prompt(prompt: str) -> str:
