@@ -185,16 +185,10 @@ def _check_video(cfg, *, deep: bool, fetch: bool, hub_cache_dir) -> ComponentChe
         hints = [f"set {key} to a diffusers-format Wan directory, s3:// prefix or hub id"
                  + (f" (e.g. {release.repo})" if release else "")]
         return ComponentCheck("video", key, None, "missing", problems=["no location configured"], hints=hints)
-    comp = ComponentCheck("video", key, video.weights, "ok")
-    try:
-        comp.location = resolve(video.weights, cfg.storage, fetch=fetch, allow_patterns=WAN_PATTERNS,
-                                hub_cache_dir=hub_cache_dir)
-    except WeightsError as exc:
-        comp.status, comp.problems = "invalid", [str(exc)]
-        return comp
-    if not comp.location.found:
-        comp.status = "missing"
-        comp.hints = _fetch_hints(video.weights, key, _release_for_video(cfg), cfg.preset)
+    comp = _locate(cfg, "video", key, video.weights, fetch=fetch, hub_cache_dir=hub_cache_dir,
+                   allow_patterns=WAN_PATTERNS,
+                   hints=lambda: _fetch_hints(video.weights, key, _release_for_video(cfg), cfg.preset))
+    if comp.status != "ok":
         return comp
     root = comp.location.local
     _check_diffusers_dir(root, video, comp, deep)
@@ -292,16 +286,9 @@ def _check_recon(cfg, *, fetch: bool, hub_cache_dir) -> ComponentCheck:
     if not rc.weights:
         return ComponentCheck("recon", key, None, "missing", problems=["no location configured"],
                               hints=[f"set {key} to a checkpoint file/directory, s3:// prefix or hub id (e.g. {release.repo})"])
-    comp = ComponentCheck("recon", key, rc.weights, "ok")
-    try:
-        comp.location = resolve(rc.weights, cfg.storage, fetch=fetch, allow_patterns=RECON_PATTERNS,
-                                hub_cache_dir=hub_cache_dir)
-    except WeightsError as exc:
-        comp.status, comp.problems = "invalid", [str(exc)]
-        return comp
-    if not comp.location.found:
-        comp.status = "missing"
-        comp.hints = _fetch_hints(rc.weights, key, release, cfg.preset)
+    comp = _locate(cfg, "recon", key, rc.weights, fetch=fetch, hub_cache_dir=hub_cache_dir,
+                   allow_patterns=RECON_PATTERNS, hints=lambda: _fetch_hints(rc.weights, key, release, cfg.preset))
+    if comp.status != "ok":
         return comp
     try:
         path = find_checkpoint(comp.location.local)
@@ -326,13 +313,20 @@ def _check_own(cfg, name: str, key: str, spec: str | None, unset_note: str, *, n
         if needed:
             comp.notes.append(unset_note)
         return comp
+    return _locate(cfg, name, key, spec, fetch=fetch, hub_cache_dir=hub_cache_dir,
+                   hints=lambda: [f"point {key} at the checkpoint written by the stitching/fine-tuning job, or unset it"])
+
+
+def _locate(cfg, name: str, key: str, spec: str, *, fetch: bool, hub_cache_dir, hints, allow_patterns=None
+            ) -> ComponentCheck:
+    """Resolve `spec`; status "ok" (location set), "invalid" (with the reason) or "missing" (with hints())."""
     comp = ComponentCheck(name, key, spec, "ok")
     try:
-        comp.location = resolve(spec, cfg.storage, fetch=fetch, hub_cache_dir=hub_cache_dir)
+        comp.location = resolve(spec, cfg.storage, fetch=fetch, allow_patterns=allow_patterns,
+                                hub_cache_dir=hub_cache_dir)
     except WeightsError as exc:
         comp.status, comp.problems = "invalid", [str(exc)]
         return comp
     if not comp.location.found:
-        comp.status = "missing"
-        comp.hints = [f"point {key} at the checkpoint written by the stitching/fine-tuning job, or unset it"]
+        comp.status, comp.hints = "missing", hints()
     return comp
