@@ -29,7 +29,6 @@ import copy
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -56,10 +55,6 @@ RECON = dict(img_size=IMG, patch_size=4, embed_dim=32, encoder_depth=4, encoder_
 
 def log(msg: str) -> None:
     print(f"[method-check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ----------------------------------------------------------------------------- data
@@ -132,8 +127,8 @@ def pretrain(net, clips, steps: int, lr: float, seed: int, render_stride: int) -
         sched.step()
         losses.append(float(loss.detach()))
         if (step + 1) % max(1, steps // 5) == 0:
-            log(f"pretrain step {step + 1}/{steps}: loss {np.mean(losses[-20:]):.4f} (depth {float(loss_depth):.3f}, "
-                f"pose {float(loss_pose):.3f}, render {float(loss_render):.3f})")
+            log(f"pretrain step {step + 1}/{steps}: loss {np.mean(losses[-20:]):.4f} (depth {loss_depth.item():.3f}, "
+                f"pose {loss_pose.item():.3f}, render {loss_render.item():.3f})")
     net.eval()
     return losses
 
@@ -191,9 +186,43 @@ def forward_only_seconds(vae, net, clips) -> float:
     return time.perf_counter() - t0
 
 
+class RssSampler:
+    """Largest resident set size seen while active (ru_maxrss would also count model loading)."""
+
+    def __init__(self, every_s: float = 0.005):
+        import threading
+
+        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def current_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current_mb())
+            time.sleep(self.every_s)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current_mb())
+
+
 def child_search(args) -> None:
-    """A fresh process: the search over the first N clips; prints its peak RSS as JSON."""
+    """A fresh process: the search streaming N clips from the corpus (cycling it when N is larger);
+    prints the resident memory before and at most during the search as JSON."""
+    import itertools
+
+    from vist3a.io.corpus import Corpus
     from vist3a.recon import ReconNet
+    from vist3a.stitching.search import LayerSearch
     from vist3a.video import build_wan
 
     torch.set_num_threads(1)
@@ -201,11 +230,17 @@ def child_search(args) -> None:
     net = ReconNet(ReconConfig(**RECON))
     net.load_state_dict(torch.load(os.path.join(args.workdir, "recon.pt"), weights_only=True))
     net.eval()
-    clips = load_clips(os.path.join(args.workdir, "train"))
-    clips = (clips * math.ceil(args.child_search / len(clips)))[:args.child_search]
-    before = peak_rss_mb()
-    _, _, seconds = run_search(vae, net, clips, None, 1e-4)
-    print(json.dumps({"clips": len(clips), "peak_rss_mb": peak_rss_mb(), "rss_before_search_mb": before, **seconds}))
+    corpus = Corpus(os.path.join(args.workdir, "train"))
+    stream = itertools.islice(itertools.chain.from_iterable(corpus.iter_clips() for _ in itertools.count()), args.child_search)
+    search = LayerSearch.for_models(vae, net, f"conv3d_k3x3x3_o{net.cfg.embed_dim}_p1x1x1", None, VAE_SIZE)
+    before = RssSampler.current_mb()
+    t0 = time.perf_counter()
+    with RssSampler() as rss:
+        for i, clip in enumerate(stream):
+            search.add(clip.frames_tensor(CONTEXT)[None], [i % 5 == 4])
+        search.solve(1e-4)
+    print(json.dumps({"clips": args.child_search, "rss_before_mb": before, "peak_rss_during_mb": rss.peak,
+                      "seconds": time.perf_counter() - t0}))
 
 
 # ----------------------------------------------------------------------------- main
@@ -223,6 +258,7 @@ def main(argv=None) -> int:
     p.add_argument("--render-stride", type=int, default=2, help="training renders at 1/n resolution (CPU time)")
     p.add_argument("--memory-sizes", default="8,32", help="corpus sizes (clips) for the peak-memory runs")
     p.add_argument("--jobs", type=int, default=2, help="processes rendering the procedural corpus")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--child-search", type=int, default=None, help=argparse.SUPPRESS)
@@ -237,7 +273,7 @@ def main(argv=None) -> int:
     from vist3a.stitching.search import best_layer, format_table
     from vist3a.video import build_wan, encode_frames
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)  # 1: on a shared 2-core machine more threads spin against each other
     torch.manual_seed(0)
     work = args.workdir or tempfile.mkdtemp(prefix="stitch-method-check-")
     results: dict = {"settings": {k: v for k, v in vars(args).items() if k != "child_search"}, "seconds": {}}
@@ -282,8 +318,10 @@ def main(argv=None) -> int:
         if run.returncode:
             raise RuntimeError(f"memory run over {n} clips failed:\n{run.stderr[-3000:]}")
         memory.append(json.loads(run.stdout.strip().splitlines()[-1]))
-        log(f"search over {n} clips in a fresh process: peak RSS {memory[-1]['peak_rss_mb']:.0f} MB "
-            f"(before the search {memory[-1]['rss_before_search_mb']:.0f} MB), pass {memory[-1]['pass_s']:.2f}s")
+        m = memory[-1]
+        log(f"search streaming {n} clips in a fresh process: resident memory {m['rss_before_mb']:.0f} MB before, "
+            f"at most {m['peak_rss_during_mb']:.0f} MB during (+{m['peak_rss_during_mb'] - m['rss_before_mb']:.1f} MB); "
+            f"{m['seconds']:.1f}s")
     results["search"]["memory"] = memory
 
     # 4. stitch: ridge init at the best layer, then fine-tuning
@@ -335,7 +373,8 @@ def main(argv=None) -> int:
           f"{s['accumulate_s']:.2f}s) + solve {s['solve_s']:.2f}s vs forward passes alone {s['forward_only_s']:.2f}s; "
           f"accumulators {s['accumulator_mb']:.1f} MB")
     for m in memory:
-        print(f"peak RSS, search over {m['clips']:>3} clips: {m['peak_rss_mb']:.0f} MB")
+        print(f"resident memory, search streaming {m['clips']:>3} clips: {m['rss_before_mb']:.0f} MB before, at most "
+              f"{m['peak_rss_during_mb']:.0f} MB during (+{m['peak_rss_during_mb'] - m['rss_before_mb']:.1f} MB)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

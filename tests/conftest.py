@@ -110,7 +110,12 @@ def stitch_corpus(tmp_path_factory):
     from vist3a.io.corpus import CorpusWriter
 
     root = tmp_path_factory.mktemp("stitch-corpus")
-    with CorpusWriter(str(root), clips_per_shard=4, clips_per_row_group=2) as writer:
-        for clip in procedural_clips(6, seed=7, frames=7, size=64):
-            writer.write(clip)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a busy 2-core machine: more threads spin against each other
+    try:
+        with CorpusWriter(str(root), clips_per_shard=4, clips_per_row_group=2) as writer:
+            for clip in procedural_clips(6, seed=7, frames=7, size=64):
+                writer.write(clip)
+    finally:
+        torch.set_num_threads(threads)
     return str(root)

@@ -11,6 +11,15 @@ import torch
 from vist3a.io.corpus import ClipRecord, Corpus, CorpusWriter
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One torch thread: on a busy 2-core machine more threads spin against each other (10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _clip(i: int, frames: int = 3, cameras: bool = True) -> ClipRecord:
     rng = np.random.default_rng(i)
     img = rng.integers(0, 256, size=(frames, 8, 12, 3), dtype=np.uint8)

@@ -346,6 +346,7 @@ class AlignJobConfig(Strict):
     scorer: str | None = Field(None, description="CLIP-family scorer in transformers' format: directory, s3:// or hub id")
     scorer_tokenizer: str | None = Field(None, description="where its tokenizer/preprocessor are, when not beside it")
     views: int = Field(2, ge=1, description="views per scene rendered at the predicted cameras")
+    quality_frames: int = Field(1, ge=0, description="decoded video frames scored beside the renders (the published code: 1)")
     render_stride: int = Field(1, ge=1, description="render every n-th pixel's Gaussian at 1/n resolution (cheap on CPU)")
     max_scale_ratio: float = Field(0.05, gt=0.0, description="Gaussians larger than this x median depth are penalised")
     corpus: str | None = Field(None, description="clip corpus for the diffusion (flow-matching) loss; captions are the prompts")

@@ -3,5 +3,5 @@
 from vist3a.rewards.clip import ClipScorer, write_tiny_clip
 from vist3a.rewards.scene import consistency_reward, coverage, depth_agreement, oversized_scales, representation_reward
 
-__all__ = ["ClipScorer", "write_tiny_clip", "consistency_reward", "coverage", "depth_agreement", "oversized_scales",
-           "representation_reward"]
+__all__ = ["ClipScorer", "consistency_reward", "coverage", "depth_agreement", "oversized_scales", "representation_reward",
+           "write_tiny_clip"]

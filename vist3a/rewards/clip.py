@@ -50,7 +50,7 @@ class ClipScorer(nn.Module):
 
     @classmethod
     def load(cls, spec: str, storage=None, tokenizer: str | None = None, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32) -> "ClipScorer":
+             dtype: torch.dtype = torch.float32) -> ClipScorer:
         """From a local directory, an s3:// prefix or a hub id in transformers' format. `tokenizer` names
         where the tokenizer and preprocessor_config.json are when the model directory lacks them."""
         from transformers import AutoTokenizer, CLIPModel
@@ -141,8 +141,8 @@ def write_tiny_clip(directory: str | Path, seed: int = 0, image_size: int = 32, 
     directory = Path(directory)
     vocab = _byte_level_vocab()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
-    common = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                  num_attention_heads=max(1, width // 16))
+    common = {"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": layers,
+              "num_attention_heads": max(1, width // 16)}
     config = CLIPConfig(
         text_config=dict(common, vocab_size=len(vocab), max_position_embeddings=77,
                          bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],

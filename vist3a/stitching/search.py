@@ -238,6 +238,13 @@ def clip_views(clip, views: int, size: int, seed: int = 0, step: int = 0) -> Ten
     return resize_frames(clip.frames_tensor(idx)[None], size)[0]
 
 
+def block_index(recon, cut: str) -> int:
+    """"blocks.N" -> N, refusing names that are not cut points of `recon`."""
+    if cut not in recon.cut_points():
+        raise ValueError(f"unknown cut point {cut!r}; the network has {recon.cut_points()}")
+    return int(cut.split(".")[1])
+
+
 @contextmanager
 def record_block_outputs(recon, names: Sequence[str]) -> Iterator[dict[str, Tensor]]:
     """Forward hooks on the encoder blocks named "blocks.N": each call fills {name: [B*S, 1+R+P, C]}."""
@@ -245,8 +252,8 @@ def record_block_outputs(recon, names: Sequence[str]) -> Iterator[dict[str, Tens
     store: dict[str, Tensor] = {}
     handles = []
     for name in names:
-        idx = recon._cut_index(name)
-        handles.append(blocks[idx].register_forward_hook(lambda _m, _i, out, name=name: store.__setitem__(name, out)))
+        block = blocks[block_index(recon, name)]
+        handles.append(block.register_forward_hook(lambda _m, _i, out, name=name: store.__setitem__(name, out)))
     try:
         yield store
     finally:
@@ -258,7 +265,7 @@ def recon_features(recon, names: Sequence[str]) -> Callable[[Tensor], dict[str, 
     """images [B,S,3,H,W] -> {cut: patch tokens [B,S,P,C]} for every cut, in one forward pass that stops
     at the deepest one (hooks on the blocks; the values equal `recon.activations(cut, images)`)."""
     names = list(names)
-    deepest = max(names, key=recon._cut_index)
+    deepest = max(names, key=lambda n: block_index(recon, n))
     special = recon.aggregator.patch_embed.num_special
 
     def features(images: Tensor) -> dict[str, Tensor]:

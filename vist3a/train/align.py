@@ -23,9 +23,9 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -54,10 +54,15 @@ def video_lora_config(job) -> dict:
 
 def add_video_lora(transformer: nn.Module, config: dict, seed: int) -> nn.Module:
     """Inject the adapters (A seeded, so every worker starts from the same weights; B zero, so the model
-    is unchanged) and freeze every other transformer weight."""
+    is unchanged) and freeze every other transformer weight. The adapters are kept in float32 even on
+    a bf16/fp16 transformer (peft casts their inputs): AdamW updates of 1e-4 vanish in bf16."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return add_lora(transformer, config)
+        add_lora(transformer, config)
+    for name, p in transformer.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    return transformer
 
 
 def save_lora_dir(uri: str, config: dict, state: dict[str, Tensor], storage=None, meta: dict | None = None) -> None:
@@ -235,6 +240,10 @@ class AlignTrainer:
             v = renders.shape[1]
             texts = [p for p in prompts for _ in range(v)]
             out["quality"] = self.scorer(renders.flatten(0, 1), texts).view(b, v).mean(1)
+            nf = min(job.quality_frames, v)
+            if nf:  # decoded video frames of the first views too, as the published code scores one
+                fq = self.scorer(frames[rows, pick[:, :nf]].flatten(0, 1), [p for p in prompts for _ in range(nf)])
+                out["quality"] = (out["quality"] * v + fq.view(b, nf).sum(1)) / (v + nf)
         if w["consistency"] > 0:
             from vist3a.rewards import consistency_reward
 
@@ -254,7 +263,7 @@ class AlignTrainer:
         v = min(job.views, self.cfg.sampling.frames)
         plan = Rollout(steps or job.steps_max, job.guidance_min if guidance is None else guidance, [], list(seeds),
                        list(prompts), [list(range(v))] * len(prompts), 0)
-        with self.ema_weights() if ema else _nothing():
+        with self.ema_weights() if ema else nullcontext():
             terms = self.rewards(self.rollout(prompts, plan), prompts, plan.views)
         return {k: float(t.mean()) for k, t in terms.items()}
 
@@ -345,9 +354,9 @@ class AlignTrainer:
 
     def lora_states(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(current, EMA) adapter weights with peft's state-dict keys."""
-        current = lora_state(self.transformer)
+        current = {k: v.clone() for k, v in lora_state(self.transformer).items()}  # on CPU .cpu() aliases the params
         with self.ema_weights():
-            ema = lora_state(self.transformer)
+            ema = {k: v.clone() for k, v in lora_state(self.transformer).items()}
         return current, ema
 
     def meta(self) -> dict:
@@ -390,11 +399,6 @@ class AlignTrainer:
         return {"lora": join(uri, "lora"), "lora_ema": join(uri, "lora_ema")}
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
 def average_gradients(params: list[Tensor], world: int) -> None:
     """Mean of the gradients over the data-parallel ranks, in one all-reduce (gloo on CPU, nccl on GPU).
 
@@ -414,6 +418,41 @@ def average_gradients(params: list[Tensor], world: int) -> None:
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
         offset += n
+
+
+def average_metrics(metrics: dict[str, float], world: int) -> dict[str, float]:
+    """Rewards and losses averaged over the data-parallel ranks (Ray Train keeps rank 0's report only)."""
+    import torch.distributed as dist
+
+    keys = sorted(k for k in metrics if k.startswith(("reward_", "loss")))
+    if world <= 1 or not keys or not (dist.is_available() and dist.is_initialized()):
+        return metrics
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return {**metrics, **{k: float(v) / world for k, v in zip(keys, values)}}
+
+
+def check_replicas_in_sync(params: list[Tensor], world: int) -> None:
+    """Raise when data-parallel ranks hold different LoRA weights (they must, after identical updates):
+    a cheap guard, run at checkpoints, against a rank that skipped or doubled a step."""
+    import torch.distributed as dist
+
+    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    local = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+    gathered = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    values = [float(g) for g in gathered]
+    if max(values) - min(values) > 1e-6 * max(1.0, max(abs(v) for v in values)):
+        raise RuntimeError(f"LoRA replicas out of sync across ranks: parameter sums {values}")
+
+
+def draw_prompts(prompts: list[str], job, step: int, rank: int) -> list[str]:
+    """The `batch_size` prompts rank `rank` trains on at `step`, drawn from its share by (seed, step, rank)."""
+    rng = np.random.default_rng([job.seed, step, rank, 0])
+    picks = rng.choice(len(prompts), size=job.batch_size, replace=len(prompts) < job.batch_size)
+    return [prompts[int(i)] for i in picks]
 
 
 def prompt_share(ids: list[str], rank: int, world: int) -> list[int]:
