@@ -114,7 +114,8 @@ def pretrain(net, clips, steps: int, lr: float, seed: int, render_stride: int) -
         out = net(images)
         pose_gt = extri_intri_to_pose_encoding(c["w2c"][CONTEXT], c["K"][CONTEXT], (IMG, IMG))
         valid = c["depth"][CONTEXT] > 0
-        loss_depth = (out.depth[0] - c["depth"][CONTEXT]).abs()[valid].mean()
+        # log depth: the distant shell would otherwise dominate and a constant map would do
+        loss_depth = (out.depth[0].clamp_min(1e-3).log() - c["depth"][CONTEXT].clamp_min(1e-3).log()).abs()[valid].mean()
         loss_pose = torch.stack([(p[0] - pose_gt).abs().mean() for p in out.pose_enc_list]).mean()
         views = rng.choice(9, size=2, replace=False)
         gaussians = to_gaussians(out, images)[0].select(every_nth_pixel(VIEWS, IMG, IMG, render_stride))

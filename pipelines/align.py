@@ -87,18 +87,6 @@ def init_ray(cfg: Config) -> None:
 # ----------------------------------------------------------------------------- worker side
 
 
-def worker_setup(cfg: Config):
-    """(rank, world, device) inside a Ray Train worker; torch threads follow the worker's CPU share."""
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    ctx = ray.train.get_context()
-    if not cfg.align.use_gpu:
-        torch.set_num_threads(max(1, int(cfg.align.cpus_per_worker)))
-    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
-
-
 def build_trainer(cfg: Config, device):
     """Video model, frozen stitched decoder, scorer and the AlignTrainer around them (models loaded here,
     in the worker, from paths: nothing large travels through Ray)."""
@@ -156,7 +144,9 @@ def train_loop(config: dict) -> None:
 
     cfg = Config.model_validate(config["cfg"])
     job = cfg.align
-    rank, world, device = worker_setup(cfg)
+    from pipelines.stitch import worker_setup
+
+    rank, world, device = worker_setup(cfg.align)
     ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
     rows = list(ray.train.get_dataset_shard("prompts").iter_rows())
     ids = [r["id"] for r in rows]

@@ -55,8 +55,14 @@ def check_setup(cfg: Config):
     if spec.out_channels != rc.embed_dim:
         raise ValueError(f"model.stitch.spec has {spec.out_channels} output channels, model.recon.embed_dim is {rc.embed_dim}")
     corpus = Corpus(job.corpus, cfg.storage)
-    if len(corpus) == 0:
-        raise ValueError(f"corpus {job.corpus} has no clips")
+    counts = corpus.frame_counts()
+    usable = sum(n >= job.views for n in counts)
+    if usable == 0:
+        raise ValueError(f"corpus {job.corpus} has no clip of at least stitch_job.views={job.views} frames "
+                         f"({len(counts)} clips)")
+    if usable < len(counts):
+        print(f"[stitch] {len(counts) - usable} of {len(counts)} clips have fewer than {job.views} frames and are skipped",
+              flush=True)
     return corpus
 
 
@@ -91,15 +97,16 @@ def scaling(cfg: Config):
     return ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu, resources_per_worker=resources)
 
 
-def worker_setup(cfg: Config):
-    """(rank, world, device) inside a Ray Train worker; torch threads follow the worker's CPU share."""
+def worker_setup(job):
+    """(rank, world, device) inside a Ray Train worker; torch threads follow the worker's CPU share.
+    `job` is the job's config section (use_gpu, cpus_per_worker): stitch_job or align."""
     import ray.train
     import ray.train.torch
     import torch
 
     ctx = ray.train.get_context()
-    if not cfg.stitch_job.use_gpu:
-        torch.set_num_threads(max(1, int(cfg.stitch_job.cpus_per_worker)))
+    if not job.use_gpu:
+        torch.set_num_threads(max(1, int(job.cpus_per_worker)))
     return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
 
@@ -124,7 +131,7 @@ def search_loop(config: dict) -> None:
 
     cfg = Config.model_validate(config["cfg"])
     job = cfg.stitch_job
-    rank, world, device = worker_setup(cfg)
+    rank, world, device = worker_setup(cfg.stitch_job)
     search = LayerSearch.for_models(load_vae(cfg, device), build_recon(cfg, device), cfg.model.stitch.spec,
                                     job.candidates, vae_size(cfg), device)
     size = max(search.vae_size, search.image_size)
@@ -133,6 +140,8 @@ def search_loop(config: dict) -> None:
     for clip in Corpus(job.corpus, cfg.storage).iter_clips(rank, world, columns=["id", "frames", "width", "height", "num_frames"]):
         if limit is not None and seen >= limit:
             break
+        if clip.num_frames < job.views:
+            continue  # counted by check_setup
         seen += 1
         batch.append(clip_views(clip, job.views, size, job.seed))
         flags.append(is_heldout(clip.id, job.heldout_fraction))
@@ -228,9 +237,10 @@ class ClipSampler:
 
     def __init__(self, corpus, rank: int, world: int, views: int, batch_size: int, size: int, seed: int):
         self.corpus, self.rank, self.views, self.batch_size, self.size, self.seed = corpus, rank, views, batch_size, size, seed
-        self.indices = corpus.worker_clip_indices(rank, world)
+        counts = corpus.frame_counts()
+        self.indices = [i for i in corpus.worker_clip_indices(rank, world) if counts[i] >= views]
         if not self.indices:
-            raise ValueError(f"worker {rank} of {world} has no clips: the corpus has {len(corpus)}")
+            raise ValueError(f"worker {rank} of {world} has no clip of {views}+ frames: the corpus has {len(corpus)} clips")
 
     def batch(self, step: int):
         import numpy as np
@@ -259,7 +269,7 @@ def finetune_loop(config: dict) -> None:
 
     cfg = Config.model_validate(config["cfg"])
     job = cfg.stitch_job
-    rank, world, device = worker_setup(cfg)
+    rank, world, device = worker_setup(cfg.stitch_job)
     vae = load_vae(cfg, device)
     ft = StitchFinetuner(build_decoder(cfg, vae, device), vae, job, vae_size(cfg), device)
     checkpoint = ray.train.get_checkpoint()

@@ -11,13 +11,7 @@ import torch
 from vist3a.io.corpus import ClipRecord, Corpus, CorpusWriter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: on a busy 2-core machine more threads spin against each other (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _clip(i: int, frames: int = 3, cameras: bool = True) -> ClipRecord:
@@ -47,6 +41,7 @@ def _round_trip(uri: str) -> None:
     corpus = Corpus(uri)
     assert corpus.shards == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
     assert len(corpus) == 5 and len(corpus.units()) == 5
+    assert corpus.frame_counts() == [3] * 5
     for original, back in zip(clips, corpus.iter_clips()):
         assert back.id == original.id and back.caption == original.caption
         assert torch.equal(back.frames_tensor(), original.frames_tensor())

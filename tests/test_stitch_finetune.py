@@ -15,13 +15,7 @@ from vist3a.stitching.lora import adapters_disabled, add_lora, lora_config_dict,
 FAST = ["stitch_job.render_stride=4", "stitch_job.lora_rank=4", "stitch_job.warmup_steps=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread: on a busy 2-core machine more threads spin against each other (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

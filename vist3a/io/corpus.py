@@ -257,6 +257,7 @@ class Corpus:
     def __init__(self, uri: str, storage=None, cache_units: int = 2):
         self.uri, self.storage = str(uri), storage
         self._units: list[Unit] | None = None
+        self._frame_counts: list[int] | None = None
         self._cache: OrderedDict[tuple[Unit, tuple], list[ClipRecord]] = OrderedDict()
         self._cache_units = cache_units
 
@@ -296,6 +297,13 @@ class Corpus:
 
     def __len__(self) -> int:
         return sum(u.clips for u in self.units())
+
+    def frame_counts(self) -> list[int]:
+        """Frames of every clip, by global index (reads the num_frames column alone)."""
+        if self._frame_counts is None:
+            self._frame_counts = [n for shard in self.shards
+                                  for n in self._open(shard).read(columns=["num_frames"]).column(0).to_pylist()]
+        return self._frame_counts
 
     def read_unit(self, unit: Unit, columns: Sequence[str] | None = None) -> list[ClipRecord]:
         key = (unit, tuple(columns or ()))
