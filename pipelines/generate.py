@@ -220,7 +220,7 @@ def build_dataset(cfg: Config, todo: pa.Table):
 
 def run(cfg: Config) -> dict:
     """Run (or resume) the job described by `cfg`; returns the summary."""
-    from vist3a.io import ensure_writable
+    from vist3a.io import ensure_writable, remove_temp_files
     from vist3a.io.prompts import read_prompts
 
     from vist3a.generator import SceneGenerator
@@ -243,6 +243,9 @@ def run(cfg: Config) -> dict:
         init_ray(cfg)
         for batch in build_dataset(cfg, todo).iter_batches(batch_size=None, batch_format="numpy"):
             progress.update(batch)
+    # every writer of this run has finished: a temp file left now is from a killed one (this run or earlier)
+    if stale := remove_temp_files(job.output):
+        print(f"[generate] removed {stale} temporary file(s) left by killed writers", flush=True)
     manifest = compact_manifest(job.output, cfg.storage)
     status = manifest.column("status").to_pylist()
     summary = {

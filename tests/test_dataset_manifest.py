@@ -40,3 +40,17 @@ def test_scene_layout_local_and_s3(tmp_path, s3_bucket):
         assert read_bytes(uris["scene.ply"]) == b"ply"
         write_manifest_part(out, [_row("abc")])
         assert recorded_ids(out) == {"abc"}
+
+
+def test_temp_files_of_killed_writers_are_removed_and_finished_files_kept(tmp_path):
+    from vist3a.io import remove_temp_files, write_bytes
+
+    write_bytes(str(tmp_path / "scenes" / "ab" / "x.ply"), b"complete")
+    (tmp_path / "scenes" / "cd").mkdir(parents=True)
+    (tmp_path / "scenes" / "cd" / ".tmp-k1lled-y.ply").write_bytes(b"half")
+    (tmp_path / "manifest" / "parts").mkdir(parents=True)
+    (tmp_path / "manifest" / "parts" / ".tmp-k1lled-p.parquet").write_bytes(b"")
+    assert remove_temp_files(str(tmp_path)) == 2
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()] == ["scenes/ab/x.ply"]
+    assert (tmp_path / "scenes" / "ab" / "x.ply").read_bytes() == b"complete"
+    assert remove_temp_files("s3://bucket/never-has-temp-files") == 0

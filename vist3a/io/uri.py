@@ -59,7 +59,7 @@ def write_bytes(uri: str, data: bytes, storage=None) -> None:
         return
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=parent)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix="-" + os.path.basename(path), dir=parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs should be readable like any file
         with os.fdopen(fd, "wb") as f:
@@ -71,6 +71,26 @@ def write_bytes(uri: str, data: bytes, storage=None) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+TEMP_PREFIX = ".tmp-"
+
+
+def remove_temp_files(uri: str) -> int:
+    """Delete the temporary siblings that writers killed mid-write left under a local `uri`; returns
+    how many. Call it only when no writer of this output is running (S3 has none: a PUT is whole)."""
+    if is_s3(uri):
+        return 0
+    removed = 0
+    for root, _dirs, files in os.walk(os.path.abspath(os.path.expanduser(str(uri)))):
+        for name in files:
+            if name.startswith(TEMP_PREFIX):
+                try:
+                    os.unlink(os.path.join(root, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
 
 
 @lru_cache(maxsize=1)
