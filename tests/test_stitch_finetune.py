@@ -129,8 +129,9 @@ def test_a_step_trains_only_the_stitching_layer_and_lora_and_the_generator_loads
 
 
 def test_finetune_killed_midway_resumes_from_s3_and_matches_an_uninterrupted_run(ray_local, s3_bucket, stitch_corpus, vae):
-    """Worker failure at step 3 -> FailureConfig restarts from the step-2 checkpoint on S3 -> step 4, with
-    the weights of an uninterrupted run; resubmitting with more steps (2 workers, DDP) goes on from 4."""
+    """2 workers (DDP on gloo); a worker fails at step 3 -> FailureConfig restarts the run from its step-2
+    checkpoint on S3 -> step 4, with the weights of one uninterrupted process stepping on the same global
+    batches; resubmitting the command with more steps goes on from step 4."""
     import s3fs
 
     from pipelines.stitch import ClipSampler, run_finetune
@@ -140,7 +141,7 @@ def test_finetune_killed_midway_resumes_from_s3_and_matches_an_uninterrupted_run
     out = f"s3://{s3_bucket}/stitch"
     overrides = FAST + [f"stitch_job.corpus={stitch_corpus}", f"stitch_job.output={out}", "stitch_job.steps=4",
                         "stitch_job.checkpoint_every=2", "stitch_job.cpus_per_worker=0.5", "stitch_job.name=drill"]
-    cfg = load_config(None, overrides + ["stitch_job.fail_at_step=3", "stitch_job.max_failures=1"])
+    cfg = load_config(None, overrides + ["stitch_job.workers=2", "stitch_job.fail_at_step=3", "stitch_job.max_failures=1"])
     summary = run_finetune(cfg)
     assert summary["metrics"]["step"] == 4
     assert summary["metrics"]["resumed_from"] == 2  # the restarted attempt began at the step-2 checkpoint
@@ -149,17 +150,18 @@ def test_finetune_killed_midway_resumes_from_s3_and_matches_an_uninterrupted_run
     final = read_stitch_checkpoint(f"{out}/stitch.pt")
     assert final["meta"]["step"] == 4 and final["lora"] and final["cut"] == "blocks.1"
 
-    # the same 4 steps in this process, never interrupted
+    # the same 4 steps in this process, never interrupted, each on both workers' clips as one batch
     ref_cfg = load_config(None, overrides)
     ref = StitchFinetuner(build_decoder(ref_cfg, vae), vae, ref_cfg.stitch_job, vae_size=64)
-    sampler = ClipSampler(Corpus(stitch_corpus), 0, 1, 5, 1, 64, ref_cfg.stitch_job.seed)
+    samplers = [ClipSampler(Corpus(stitch_corpus), rank, 2, 5, 1, 64, ref_cfg.stitch_job.seed) for rank in (0, 1)]
     while ref.step < 4:
-        ref.train_step(sampler.batch(ref.step))
+        ref.train_step(torch.cat([sampler.batch(ref.step) for sampler in samplers]))
     expected = ref.export()
-    torch.testing.assert_close(final["stitch"]["conv.weight"], expected["stitch"]["conv.weight"], rtol=1e-4, atol=1e-6)
+    # gloo's all-reduce sums in another order than one batch does: float noise, far below one step's change (~lr)
+    torch.testing.assert_close(final["stitch"]["conv.weight"], expected["stitch"]["conv.weight"], rtol=1e-4, atol=1e-5)
     for key, value in expected["lora"].items():
-        torch.testing.assert_close(final["lora"][key], value, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(final["lora"][key], value, rtol=1e-4, atol=1e-5)
 
-    more = run_finetune(load_config(None, overrides + ["stitch_job.steps=5", "stitch_job.workers=2"]))
+    more = run_finetune(load_config(None, overrides + ["stitch_job.steps=5"]))
     assert more["metrics"]["step"] == 5 and more["metrics"]["resumed_from"] == 4
     assert read_stitch_checkpoint(f"{out}/stitch.pt")["meta"]["step"] == 5

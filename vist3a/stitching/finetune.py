@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -88,14 +88,14 @@ def render_l1(gaussians: Gaussians, viewmats: Tensor, intrinsics: Tensor, target
 
 
 def render_loss(scenes: list[Gaussians], teacher, images: Tensor, views: int, stride: int,
-                generator: torch.Generator) -> Tensor:
-    """The student's pixel-aligned Gaussians (one entry per clip) rendered at `views` random teacher
-    cameras against those input frames [B,S,3,H,W]."""
+                seeds: Sequence[int]) -> Tensor:
+    """The student's pixel-aligned Gaussians (one entry per clip) rendered at `views` teacher cameras,
+    drawn with one seed per clip, against those input frames [B,S,3,H,W]."""
     b, s, _, h, w = images.shape
     keep = every_nth_pixel(s, h, w, stride)
     losses = []
     for i, scene in enumerate(scenes):
-        pick = torch.randperm(s, generator=generator)[:views].tolist()
+        pick = torch.randperm(s, generator=torch.Generator().manual_seed(int(seeds[i])))[:views].tolist()
         subset = scene.select(keep.to(scene.device)) if stride > 1 else scene
         losses.append(render_l1(subset, teacher.extrinsics[i, pick].detach(), teacher.intrinsics[i, pick].detach(),
                                 images[i, pick], stride))
@@ -103,8 +103,9 @@ def render_loss(scenes: list[Gaussians], teacher, images: Tensor, views: int, st
 
 
 def distillation_losses(student, teacher, images: Tensor, weights: Mapping[str, float], render_views: int = 1,
-                        render_stride: int = 1, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-    """Every weighted term that both outputs support: {term: unweighted loss}."""
+                        render_stride: int = 1, render_seeds: Sequence[int] | None = None) -> dict[str, Tensor]:
+    """Every weighted term that both outputs support: {term: unweighted loss}. Every term is a mean
+    over equally sized clips, so a batch split across DDP workers gives the gradient of the whole batch."""
     on = lambda name: weights.get(name, 0.0) > 0  # noqa: E731
     out: dict[str, Tensor] = {}
     if student.depth is not None:
@@ -132,7 +133,7 @@ def distillation_losses(student, teacher, images: Tensor, weights: Mapping[str, 
             out[t] = _l1(*pairs[t])
     if rendering:
         out["render"] = render_loss(scenes, teacher, images, render_views, render_stride,
-                                    generator or torch.Generator().manual_seed(0))
+                                    range(len(scenes)) if render_seeds is None else render_seeds)
     return out
 
 
@@ -213,7 +214,8 @@ class StitchFinetuner:
             load_lora_state(self.decoder.recon, payload["lora"])
 
     def train_step(self, frames: Tensor, model: nn.Module | None = None, rank: int = 0) -> dict[str, float]:
-        """frames [B,T,3,H,W] in [0,1]; `model` is the (DDP-wrapped) student, default the bare one."""
+        """frames [B,T,3,H,W] in [0,1]; `model` is the (DDP-wrapped) student, default the bare one; `rank` places
+        the clips in the global batch (worker r holds clips r*B .. r*B+B-1)."""
         from vist3a.video import encode_frames
 
         model = model or self.student
@@ -227,9 +229,11 @@ class StitchFinetuner:
                 teacher = self.decoder.recon(images)
         t1 = time.perf_counter()
         student = model(latents, images)
-        generator = torch.Generator().manual_seed(int(np.random.default_rng([job.seed, self.step, rank]).integers(2**62)))
-        terms = distillation_losses(student, teacher, images, job.loss_weights, job.render_views, job.render_stride,
-                                    generator)
+        # render views drawn per clip from (seed, step, the clip's index in the global batch): the same
+        # whether the batch is split over workers or not
+        first = rank * frames.shape[0]
+        seeds = [int(np.random.default_rng([job.seed, self.step, first + i]).integers(2**62)) for i in range(frames.shape[0])]
+        terms = distillation_losses(student, teacher, images, job.loss_weights, job.render_views, job.render_stride, seeds)
         total = sum(job.loss_weights[k] * v for k, v in terms.items())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
