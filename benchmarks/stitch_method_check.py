@@ -252,7 +252,7 @@ def child_search(args) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-clips", type=int, default=96)
     p.add_argument("--test-clips", type=int, default=8)
     p.add_argument("--pretrain-steps", type=int, default=1000)
