@@ -239,19 +239,47 @@ STITCH_LOSS_WEIGHTS = {"depth": 1.0, "depth_grad": 0.005, "depth_conf": 0.01, "p
                        "scales": 10.0, "rotations": 1.0, "sh": 1.0, "opacities": 1.0, "render": 1.0}
 
 
-class StitchJobConfig(Strict):
+def merged_weights(given: dict[str, float], defaults: dict[str, float], what: str) -> dict[str, float]:
+    """`given` over `defaults`, refusing unknown names and negative weights (for loss/reward weight dicts)."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; known: {', '.join(defaults)}")
+    if any(w < 0 for w in given.values()):
+        raise ValueError(f"{what}: weights must be >= 0")
+    return {**defaults, **given}
+
+
+class TrainJobConfig(Strict):
+    """What every Ray Train job shares: where it writes, its workers, LoRA and optimiser basics, and
+    checkpoint/failure handling. Each job section adds its own fields (and its own defaults)."""
+
+    output: str
+    storage_path: str | None = Field(None, description="Ray Train checkpoints (local or s3://); default <output>/ray")
+    name: str = Field(description="Ray Train run name; rerunning the same name resumes it")
+    workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU); gradients are averaged across them")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    seed: int = 0
+    steps: int = Field(20, ge=1, description="optimisation steps in all")
+    lr: float = Field(gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0.0)
+    checkpoint_every: int = Field(10, ge=1, description="steps between checkpoints (and the last step)")
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=0, description="worker failures a run restarts from its last checkpoint after")
+    fail_at_step: int | None = Field(None, ge=0, description="failure drill: raise at this step unless resumed (tests)")
+
+
+class StitchJobConfig(TrainJobConfig):
     """pipelines.stitch: layer search (one pass, ridge per layer) and stitched LoRA fine-tuning on Ray Train."""
 
     corpus: str = Field("out/corpus", description="Parquet clip corpus (pipelines.make_corpus): directory or s3:// prefix")
     output: str = Field("out/stitch", description="search/ (table, every layer's weights, best.pt) and stitch.pt go here")
-    storage_path: str | None = Field(None, description="Ray Train checkpoints (local or s3://); default <output>/ray")
     name: str = Field("stitch-finetune", description="Ray Train run name; rerunning the same name resumes it")
-    workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU)")
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
     views: int = Field(5, ge=1, description="frames per clip given to the VAE and the network; 4k+1")
     batch_size: int = Field(1, ge=1, description="clips per worker per step (search: per forward pass)")
-    seed: int = 0
     # layer search
     candidates: list[str] | None = Field(None, description="cut points to fit; None: every encoder block")
     ridge_lambda: float = Field(1e-4, ge=0.0, description="ridge penalty per row (scale-free in corpus size); intercept not penalised")
@@ -259,13 +287,8 @@ class StitchJobConfig(Strict):
     max_clips: int | None = Field(None, ge=1, description="search: stop after this many clips (trials)")
     # fine-tuning
     init: str | None = Field(None, description="stitch checkpoint to start from (e.g. <output>/search/best.pt); None: random")
-    steps: int = Field(20, ge=1)
     lr: float = Field(2e-4, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(5, ge=0, description="linear warm-up, then cosine decay to zero at `steps`")
-    grad_clip: float | None = Field(1.0, gt=0.0)
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0.0)
     lora_conv: bool = Field(True, description="LoRA also on the Conv2d layers of the heads (the paper: every Linear and Conv2d)")
     loss_weights: dict[str, float] = Field(
         default_factory=lambda: dict(STITCH_LOSS_WEIGHTS),
@@ -273,20 +296,11 @@ class StitchJobConfig(Strict):
     )
     render_views: int = Field(1, ge=0, description="views per clip rendered for the rendering loss")
     render_stride: int = Field(1, ge=1, description="render every n-th pixel's Gaussian at 1/n resolution (cheap on CPU)")
-    checkpoint_every: int = Field(10, ge=1, description="steps between checkpoints (and the last step)")
-    keep_checkpoints: int = Field(2, ge=1)
-    max_failures: int = Field(1, ge=0, description="worker failures a run restarts from its last checkpoint after")
-    fail_at_step: int | None = Field(None, ge=0, description="failure drill: raise at this step unless resumed (tests)")
 
     @field_validator("loss_weights")
     @classmethod
     def _loss_terms(cls, v: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(v) - set(STITCH_LOSS_WEIGHTS))
-        if unknown:
-            raise ValueError(f"unknown loss terms {unknown}; known: {', '.join(STITCH_LOSS_WEIGHTS)}")
-        if any(w < 0 for w in v.values()):
-            raise ValueError("loss weights must be >= 0")
-        return {**STITCH_LOSS_WEIGHTS, **v}
+        return merged_weights(v, STITCH_LOSS_WEIGHTS, "loss terms")
 
     @field_validator("views")
     @classmethod
@@ -305,28 +319,18 @@ ALIGN_LORA_TARGETS = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"
                       "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
 
 
-class AlignJobConfig(Strict):
+class AlignJobConfig(TrainJobConfig):
     """pipelines.align: direct reward fine-tuning of the video generator (LoRA) through the stitched decoder, on Ray Train."""
 
     prompts: str = Field("deploy/prompts/demo.txt", description="prompt set: file, glob, directory or s3:// prefix")
     output: str = Field("out/align", description="lora/, lora_ema/ and meta.json go here (local or s3://)")
-    storage_path: str | None = Field(None, description="Ray Train checkpoints (local or s3://); default <output>/ray")
     name: str = Field("align", description="Ray Train run name; rerunning the same name resumes it")
-    workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU); gradients are averaged across them")
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
     batch_size: int = Field(1, ge=1, description="prompts per worker per step")
-    steps: int = Field(20, ge=1, description="optimisation steps in all")
-    seed: int = 0
     # LoRA and optimiser
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0.0)
     lora_targets: list[str] = Field(default_factory=lambda: list(ALIGN_LORA_TARGETS),
                                     description="module name suffixes in the Wan transformer")
     lr: float = Field(1e-4, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = Field(0.0, ge=0.0)
-    grad_clip: float | None = Field(1.0, gt=0.0)
     ema_decay_max: float = Field(0.99, ge=0.0, lt=1.0, description="EMA decay min((1+step)/(10+step), this)")
     # rollout
     steps_min: int = Field(2, ge=1, description="denoising steps per rollout ~ U{steps_min..steps_max} (paper: 10..50)")
@@ -350,21 +354,11 @@ class AlignJobConfig(Strict):
     render_stride: int = Field(1, ge=1, description="render every n-th pixel's Gaussian at 1/n resolution (cheap on CPU)")
     max_scale_ratio: float = Field(0.05, gt=0.0, description="Gaussians larger than this x median depth are penalised")
     corpus: str | None = Field(None, description="clip corpus for the diffusion (flow-matching) loss; captions are the prompts")
-    # checkpoints
-    checkpoint_every: int = Field(10, ge=1, description="steps between checkpoints (and the last step)")
-    keep_checkpoints: int = Field(2, ge=1)
-    max_failures: int = Field(1, ge=0, description="worker failures a run restarts from its last checkpoint after")
-    fail_at_step: int | None = Field(None, ge=0, description="failure drill: raise at this step unless resumed (tests)")
 
     @field_validator("reward_weights")
     @classmethod
     def _reward_terms(cls, v: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(v) - set(ALIGN_REWARD_WEIGHTS))
-        if unknown:
-            raise ValueError(f"unknown reward terms {unknown}; known: {', '.join(ALIGN_REWARD_WEIGHTS)}")
-        if any(w < 0 for w in v.values()):
-            raise ValueError("reward weights must be >= 0")
-        return {**ALIGN_REWARD_WEIGHTS, **v}
+        return merged_weights(v, ALIGN_REWARD_WEIGHTS, "reward terms")
 
     @field_validator("prompt_templates")
     @classmethod
