@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 
+from pipelines.ray_setup import checkpointed_run, fit, init_ray, restored_checkpoint, scaling, worker_setup
 from vist3a.config import Config, ConfigError, load_config
 
 # ----------------------------------------------------------------------------- driver side
@@ -76,12 +77,6 @@ def check_setup(cfg: Config) -> None:
             raise ValueError("the diffusion loss crops corpus clips to squares: set sampling.height = sampling.width")
     if job.grad_steps > job.steps_min:
         raise ValueError(f"align.grad_steps {job.grad_steps} > align.steps_min {job.steps_min}")
-
-
-def init_ray(cfg: Config) -> None:
-    from pipelines.generate import init_ray as start
-
-    start(cfg)
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -144,8 +139,6 @@ def train_loop(config: dict) -> None:
 
     cfg = Config.model_validate(config["cfg"])
     job = cfg.align
-    from pipelines.stitch import worker_setup
-
     rank, world, device = worker_setup(cfg.align)
     ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
     rows = list(ray.train.get_dataset_shard("prompts").iter_rows())
@@ -153,12 +146,11 @@ def train_loop(config: dict) -> None:
     mine = [rows[i]["prompt"] for i in prompt_share(ids, rank, world)]
     trainer = build_trainer(cfg, device)
     clips = ClipDraws(cfg, rank, world) if job.reward_weights["diffusion"] > 0 else None
-    checkpoint = ray.train.get_checkpoint()
-    resumed = checkpoint is not None
-    if resumed:
-        with checkpoint.as_directory() as d:
+    with restored_checkpoint() as d:
+        resumed = d is not None
+        if resumed:
             trainer.load(d)
-        print(f"[align] rank {rank}: resumed at step {trainer.step}", flush=True)
+            print(f"[align] rank {rank}: resumed at step {trainer.step}", flush=True)
     start = trainer.step
     metrics: dict = {}
     while trainer.step < job.steps:
@@ -185,35 +177,27 @@ def train_loop(config: dict) -> None:
 def run_align(cfg: Config) -> dict:
     """Train (or resume) and write <output>/lora, <output>/lora_ema, <output>/meta.json; returns a summary."""
     import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.stitch import ray_storage
     from vist3a.io import ensure_writable, join
 
     job = cfg.align
     check_setup(cfg)
     table, stats = read_prompt_table(cfg)
     ensure_writable(job.output, cfg.storage)
-    storage_path, fs = ray_storage(job.storage_path or join(job.output, "ray"), cfg.storage)
+    run_config, where = checkpointed_run(job, cfg)
     print(f"[align] {table.num_rows} prompts ({stats['rows']} rows read, {stats['duplicates']} duplicates, "
           f"{stats['invalid'] + stats['refused']} unusable); {job.workers} worker(s) x batch {job.batch_size}; "
-          f"{job.steps} steps; rewards {job.reward_weights}; checkpoints -> {storage_path}/{job.name}", flush=True)
+          f"{job.steps} steps; rewards {job.reward_weights}; checkpoints -> {where}", flush=True)
     init_ray(cfg)
-    resources = {"CPU": job.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
     trainer = TorchTrainer(
-        train_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")},
-        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu, resources_per_worker=resources),
+        train_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")}, scaling_config=scaling(job),
         datasets={"prompts": ray.data.from_arrow(table)},
         dataset_config=DataConfig(datasets_to_split=[]),  # every worker sees every prompt and keeps its share by id
-        run_config=RunConfig(name=job.name, storage_path=storage_path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=job.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=job.keep_checkpoints)))
+        run_config=run_config)
     t0 = time.perf_counter()
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    metrics = result.metrics or {}  # empty when a finished run was resubmitted
+    result, metrics = fit(trainer)
     summary = {"output": job.output, "lora": join(job.output, "lora"), "lora_ema": join(job.output, "lora_ema"),
                "metrics": metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None,
                "seconds": round(time.perf_counter() - t0, 2)}

@@ -27,6 +27,7 @@ import tempfile
 import time
 import uuid
 
+from pipelines.ray_setup import checkpointed_run, fit, init_ray, restored_checkpoint, scaling, worker_setup
 from vist3a.config import Config, ConfigError, load_config
 
 # ----------------------------------------------------------------------------- shared
@@ -64,50 +65,6 @@ def check_setup(cfg: Config):
         print(f"[stitch] {len(counts) - usable} of {len(counts)} clips have fewer than {job.views} frames and are skipped",
               flush=True)
     return corpus
-
-
-def ray_storage(uri: str, storage) -> tuple[str, object | None]:
-    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig: s3:// goes through a
-    pyarrow S3FileSystem on the configured endpoint (MinIO, a test server, AWS)."""
-    from vist3a.io import is_s3
-
-    if not is_s3(uri):
-        return os.path.abspath(os.path.expanduser(uri)), None
-    from urllib.parse import urlparse
-
-    import pyarrow.fs
-
-    endpoint = storage.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs = {"region": storage.s3_region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"}
-    if endpoint:
-        parsed = urlparse(endpoint)
-        kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
-    return uri[len("s3://"):], pyarrow.fs.S3FileSystem(**kwargs)
-
-
-def scaling(cfg: Config):
-    from ray.train import ScalingConfig
-
-    job = cfg.stitch_job
-    resources = {"CPU": job.cpus_per_worker}
-    if job.use_gpu:
-        resources["GPU"] = 1
-    return ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu, resources_per_worker=resources)
-
-
-def worker_setup(job):
-    """(rank, world, device) inside a Ray Train worker; torch threads follow the worker's CPU share.
-    `job` is the job's config section (use_gpu, cpus_per_worker): stitch_job or align."""
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    ctx = ray.train.get_context()
-    if not job.use_gpu:
-        torch.set_num_threads(max(1, int(job.cpus_per_worker)))
-    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
 
 def load_vae(cfg: Config, device):
@@ -198,7 +155,6 @@ def write_search_outputs(cfg: Config, search, fits, metrics: dict, world: int) -
 
 
 def run_search(cfg: Config) -> dict:
-    from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
     from vist3a.io import join, read_text
@@ -209,14 +165,10 @@ def run_search(cfg: Config) -> dict:
     print(f"[stitch search] {len(corpus)} clips in {len(corpus.units())} row groups at {job.corpus}; "
           f"{job.workers} worker(s); candidates {job.candidates or 'all'}", flush=True)
     init_ray(cfg)
-    storage_path, fs = ray_storage(job.storage_path or join(job.output, "ray"), cfg.storage)
-    trainer = TorchTrainer(
-        search_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")}, scaling_config=scaling(cfg),
-        run_config=RunConfig(name=f"{job.name}-search-{uuid.uuid4().hex[:8]}", storage_path=storage_path,
-                             storage_filesystem=fs))
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    # a fresh run name each time: a search has no checkpoint, a failed worker restarts the pass
+    run_config, _ = checkpointed_run(job, cfg, name=f"{job.name}-search-{uuid.uuid4().hex[:8]}")
+    fit(TorchTrainer(search_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")}, scaling_config=scaling(job),
+                     run_config=run_config))
     table = json.loads(read_text(join(job.output, "search", "table.json"), cfg.storage))
     print(format_table(table["layers"], table["best"]), flush=True)
     print(f"[stitch search] {table['clips_fit']} fit + {table['clips_heldout']} held-out clips; forward "
@@ -272,13 +224,12 @@ def finetune_loop(config: dict) -> None:
     rank, world, device = worker_setup(cfg.stitch_job)
     vae = load_vae(cfg, device)
     ft = StitchFinetuner(build_decoder(cfg, vae, device), vae, job, vae_size(cfg), device)
-    checkpoint = ray.train.get_checkpoint()
-    resumed = checkpoint is not None
-    if resumed:
-        with checkpoint.as_directory() as d:
+    with restored_checkpoint() as d:
+        resumed = d is not None
+        if resumed:
             ft.load_state_dict(torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=True))
-        print(f"[stitch finetune] rank {rank}: resumed at step {ft.step}", flush=True)
-    elif job.init:
+            print(f"[stitch finetune] rank {rank}: resumed at step {ft.step}", flush=True)
+    if not resumed and job.init:
         ft.init_stitch(read_stitch_checkpoint(job.init, cfg.storage), source=job.init)
     model = ray.train.torch.prepare_model(ft.student)
     sampler = ClipSampler(Corpus(job.corpus, cfg.storage), rank, world, job.views, job.batch_size,
@@ -305,7 +256,6 @@ def finetune_loop(config: dict) -> None:
 
 
 def run_finetune(cfg: Config) -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from vist3a.io import join
@@ -318,32 +268,19 @@ def run_finetune(cfg: Config) -> dict:
         init = read_stitch_checkpoint(job.init, cfg.storage)  # fail now, not in every worker
         if init["cut"] != cfg.model.stitch.cut:
             raise ValueError(f"stitch_job.init {job.init} was fitted at {init['cut']}; set model.stitch.cut={init['cut']}")
-    storage_path, fs = ray_storage(job.storage_path or join(job.output, "ray"), cfg.storage)
+    run_config, where = checkpointed_run(job, cfg)
     print(f"[stitch finetune] {len(corpus)} clips; {job.workers} worker(s) x batch {job.batch_size}; {job.steps} steps; "
-          f"cut {cfg.model.stitch.cut}; init {job.init or 'random'}; checkpoints -> {storage_path}/{job.name}", flush=True)
+          f"cut {cfg.model.stitch.cut}; init {job.init or 'random'}; checkpoints -> {where}", flush=True)
     init_ray(cfg)
-    trainer = TorchTrainer(
-        finetune_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")}, scaling_config=scaling(cfg),
-        run_config=RunConfig(name=job.name, storage_path=storage_path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=job.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=job.keep_checkpoints)))
     t0 = time.perf_counter()
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    metrics = result.metrics or {}  # empty when a finished run was resubmitted
+    result, metrics = fit(TorchTrainer(finetune_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")},
+                                       scaling_config=scaling(job), run_config=run_config))
     summary = {"output": join(job.output, "stitch.pt"), "metrics": metrics,
                "checkpoint": result.checkpoint.path if result.checkpoint else None,
                "seconds": round(time.perf_counter() - t0, 2)}
     print(f"[stitch finetune] done: step {metrics.get('step', job.steps)}, loss {metrics.get('loss', float('nan')):.4g}; "
           f"stitch checkpoint {summary['output']} (load with model.stitch.weights)", flush=True)
     return summary
-
-
-def init_ray(cfg: Config) -> None:
-    from pipelines.generate import init_ray as start
-
-    start(cfg)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -1,0 +1,111 @@
+"""What the Ray jobs share: starting Ray, where Ray Train keeps checkpoints, and a Train run's set-up.
+
+One place for the parts of pipelines.generate (Ray Data), pipelines.stitch and pipelines.align (Ray
+Train) that are about Ray rather than about the job.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from typing import Iterator
+
+from vist3a.config import Config
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the cluster at ray.address, else start a local Ray sized by the `ray` section (once)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address)
+    else:
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+                 object_store_memory=cfg.ray.object_store_mb * 1024**2 if cfg.ray.object_store_mb else None)
+
+
+def ray_storage(uri: str, storage) -> tuple[str, object | None]:
+    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig: s3:// goes through a
+    pyarrow S3FileSystem on the configured endpoint (MinIO, a test server, AWS)."""
+    from vist3a.io import is_s3
+
+    if not is_s3(uri):
+        return os.path.abspath(os.path.expanduser(uri)), None
+    from urllib.parse import urlparse
+
+    import pyarrow.fs
+
+    endpoint = storage.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {"region": storage.s3_region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
+    return uri[len("s3://"):], pyarrow.fs.S3FileSystem(**kwargs)
+
+
+def scaling(job):
+    """ScalingConfig of a Train job section (stitch_job or align): workers, one GPU each or CPUs only."""
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": job.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})}
+    return ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu, resources_per_worker=resources)
+
+
+def checkpointed_run(job, cfg: Config, name: str | None = None):
+    """RunConfig that keeps `keep_checkpoints` checkpoints under job.storage_path (default <output>/ray)
+    and restarts a failed run from the last one up to `max_failures` times; returns (RunConfig, where)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    from vist3a.io import join
+
+    storage_path, fs = ray_storage(job.storage_path or join(job.output, "ray"), cfg.storage)
+    run = RunConfig(name=name or job.name, storage_path=storage_path, storage_filesystem=fs,
+                    failure_config=FailureConfig(max_failures=job.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=job.keep_checkpoints))
+    return run, f"{storage_path}/{name or job.name}"
+
+
+def fit(trainer) -> tuple[object, dict]:
+    """Run a TorchTrainer to the end: (result, last metrics); the workers' error is raised here."""
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result, result.metrics or {}  # metrics are empty when a finished run was resubmitted
+
+
+def worker_setup(job):
+    """(rank, world, device) inside a Ray Train worker; torch threads follow the worker's CPU share.
+    `job` is the job's config section (use_gpu, cpus_per_worker): stitch_job or align."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    ctx = ray.train.get_context()
+    if not job.use_gpu:
+        torch.set_num_threads(max(1, int(job.cpus_per_worker)))
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
+@contextmanager
+def restored_checkpoint() -> Iterator[str | None]:
+    """This Train worker's checkpoint to resume from, as a local directory (None on a fresh start).
+
+    Each worker downloads a remote checkpoint into a directory of its own: Checkpoint.as_directory()
+    shares one download between the workers of a node, and a worker that finishes reading first can
+    delete it while another still reads (seen as a corrupt state.pt on a 2-worker restart)."""
+    import pyarrow.fs
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        yield None
+    elif isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+    else:
+        with tempfile.TemporaryDirectory(prefix="vist3a-resume-") as d:
+            yield checkpoint.to_directory(d)
