@@ -14,6 +14,25 @@ def test_deploy_local_yaml_is_valid():
     assert cfg.model.recon.img_size % cfg.model.recon.patch_size == 0
 
 
+@pytest.mark.parametrize("name", ["generate.yaml", "generate.cluster.yaml", "stitch.yaml", "stitch.cluster.yaml",
+                                  "align.yaml", "align.cluster.yaml"])
+def test_every_job_config_in_deploy_is_valid(name):
+    cfg = load_config(f"deploy/{name}")
+    if name.endswith(".cluster.yaml"):
+        # on a cluster: the released models, on GPUs, everything on S3, joining the running Ray
+        assert cfg.preset == "wan2.1-1.3b+anysplat" and cfg.ray.address == "auto"
+        assert cfg.model.video.weights.startswith("s3://") and cfg.model.recon.weights.startswith("s3://")
+        job = {"generate": cfg.generate, "stitch": cfg.stitch_job, "align": cfg.align}[name.split(".")[0]]
+        assert getattr(job, "use_gpu", None) is not False and getattr(job, "gpus_per_actor", 1) >= 1
+        assert job.output.startswith("s3://")
+    # the stitching layer maps the VAE's latent grid (1/8 of the video) onto the network's token grid
+    from vist3a.stitching.spec import StitchSpec
+
+    grid = StitchSpec.parse(cfg.model.stitch.spec).output_size(cfg.sampling.frames, cfg.sampling.height // 8,
+                                                               cfg.sampling.width // 8)[1:]
+    assert grid == (cfg.model.recon.img_size // cfg.model.recon.patch_size,) * 2
+
+
 def test_unknown_key_names_path():
     with pytest.raises(ConfigError) as e:
         build_config({"sampling": {"stpes": 4}})
