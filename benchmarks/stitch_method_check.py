@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import subprocess
 import sys
@@ -387,7 +386,7 @@ def main(argv=None) -> int:
                       (f"stitched @ {best.name}, fine-tuned", "stitched_finetuned")):
         r = results["novel_view"][key]
         print(f"{name:<34} {r['psnr']:>8.2f} {r['depth_rel_err']:>15.3f}")
-    print(f"paper (RE10K, AnySplat): original 20.57, stitched 20.94")
+    print("paper (RE10K, AnySplat): original 20.57, stitched 20.94")
     s = results["search"]
     print(f"layer search over {len(train)} clips: {s['pass_s']:.2f}s (forward {s['forward_s']:.2f}s, accumulate "
           f"{s['accumulate_s']:.2f}s) + solve {s['solve_s']:.2f}s vs forward passes alone {s['forward_only_s']:.2f}s; "

@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
 from vist3a.config import VideoModelConfig
 from vist3a.video.text import _weights_root, load_tokenizer  # noqa: F401 - re-exported
