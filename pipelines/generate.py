@@ -18,6 +18,7 @@ import argparse
 import collections
 import json
 import logging
+import pickle
 import sys
 import time
 
@@ -25,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 
+from pipelines.ray_setup import init_ray
 from vist3a.config import Config, ConfigError, load_config
 from vist3a.dataset import compact_manifest, empty_manifest_row, recorded_ids
 
@@ -86,7 +88,7 @@ class GenerateScenes:
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["id"])
-        scenes = [None] * n
+        scenes = [b""] * n
         metas = [""] * n
         errors = list(batch["error"])
         todo = [i for i in range(n) if not errors[i]]
@@ -101,7 +103,9 @@ class GenerateScenes:
                     except Exception as exc:  # noqa: BLE001 - recorded as a failed row, the job goes on
                         errors[i] = f"generation failed: {type(exc).__name__}: {exc}"[:500]
         for i, scene in results.items():
-            scenes[i] = scene
+            # pickled here: Arrow stores bytes as they are, where a Scene object makes Ray Data try (and
+            # fail, with a warning per block) to convert it to an Arrow column first
+            scenes[i] = pickle.dumps(scene, protocol=pickle.HIGHEST_PROTOCOL)
             metas[i] = json.dumps(self.gen.meta(scene))  # JSON text: Arrow would turn lists into arrays
         batch["error"] = object_column(errors)
         batch["scene"] = object_column(scenes)
@@ -125,7 +129,7 @@ def write_scenes(batch: dict, output: str, storage: dict, ply_sh_degree: int) ->
         row["seed"] = None if row["seed"] is None else int(row["seed"])
         err, meta = batch["error"][i], batch["meta"][i]
         if not err and meta:
-            scene, meta = batch["scene"][i], json.loads(meta)
+            scene, meta = pickle.loads(batch["scene"][i]), json.loads(meta)
             t0 = time.perf_counter()
             try:
                 uris = write_scene(output, row["id"], scene_files(scene, meta, ply_sh_degree), storage_cfg)
@@ -180,18 +184,6 @@ class Progress:
                 f"{self.done / dt:.3f} scenes/s, {dt:.0f}s elapsed")
 
 
-def init_ray(cfg: Config):
-    import ray
-
-    if ray.is_initialized():
-        return
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address)
-    else:
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
-                 object_store_memory=cfg.ray.object_store_mb * 1024**2 if cfg.ray.object_store_mb else None)
-
-
 def build_dataset(cfg: Config, todo: pa.Table):
     """The streaming plan: validate (CPU) -> generate (GPU actors) -> write (CPU)."""
     import ray
@@ -201,14 +193,17 @@ def build_dataset(cfg: Config, todo: pa.Table):
     cfg_dict = cfg.model_dump(mode="json")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
-    blocks = max(1, min(todo.num_rows, 4 * job.actors * 4, (todo.num_rows + job.batch_size - 1) // job.batch_size))
+    # Blocks are the unit of work an actor takes: >= 16 per actor keeps every actor busy to the end,
+    # <= 1024 rows each keeps a straggler short at dataset scale, >= one batch each keeps batches full.
+    per_block = min(max(-(-todo.num_rows // (16 * job.actors)), job.batch_size), 1024)
+    blocks = max(1, -(-todo.num_rows // per_block))
     # Empty strings, not nulls, for "no error": Ray Data turns an all-null object column into NaN.
     todo = todo.set_column(todo.schema.get_field_index("error"), "error",
                            pa.compute.fill_null(todo.column("error"), ""))
     ds = ray.data.from_arrow(todo).repartition(blocks)
     ds = ds.map_batches(ValidatePrompts, fn_constructor_kwargs={"cfg_dict": cfg_dict},
                         compute=ActorPoolStrategy(size=job.validators), num_cpus=job.cpu_stage_cpus,
-                        batch_size=256, batch_format="numpy")
+                        batch_size=None, batch_format="numpy")  # a block at a time: never merges blocks
     ds = ds.map_batches(GenerateScenes, fn_constructor_kwargs={"cfg_dict": cfg_dict},
                         compute=ActorPoolStrategy(size=job.actors), num_gpus=job.gpus_per_actor or None,
                         num_cpus=job.cpus_per_actor, batch_size=job.batch_size, batch_format="numpy")
