@@ -24,7 +24,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 from pipelines.ray_setup import checkpointed_run, fit, init_ray, restored_checkpoint, scaling, worker_setup
 from vist3a.config import Config, ConfigError, load_config
@@ -196,11 +195,9 @@ def run_align(cfg: Config) -> dict:
         datasets={"prompts": ray.data.from_arrow(table)},
         dataset_config=DataConfig(datasets_to_split=[]),  # every worker sees every prompt and keeps its share by id
         run_config=run_config)
-    t0 = time.perf_counter()
-    result, metrics = fit(trainer)
     summary = {"output": job.output, "lora": join(job.output, "lora"), "lora_ema": join(job.output, "lora_ema"),
-               "metrics": metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None,
-               "seconds": round(time.perf_counter() - t0, 2)}
+               **fit(trainer)}
+    metrics = summary["metrics"]
     rewards = ", ".join(f"{k[7:]} {v:.4g}" for k, v in metrics.items() if k.startswith("reward_"))
     print(f"[align] done: step {metrics.get('step', job.steps)}; {rewards or 'no new steps'}\n"
           f"  use it: --set model.video.lora={summary['lora_ema']}", flush=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -70,12 +71,15 @@ def checkpointed_run(job, cfg: Config, name: str | None = None):
     return run, f"{storage_path}/{name or job.name}"
 
 
-def fit(trainer) -> tuple[object, dict]:
-    """Run a TorchTrainer to the end: (result, last metrics); the workers' error is raised here."""
+def fit(trainer) -> dict:
+    """Run a TorchTrainer to the end; the workers' error is raised here. Returns the last reported
+    metrics (empty when a finished run was resubmitted), the last checkpoint's path and the seconds."""
+    t0 = time.perf_counter()
     result = trainer.fit()
     if result.error:
         raise result.error
-    return result, result.metrics or {}  # metrics are empty when a finished run was resubmitted
+    return {"metrics": result.metrics or {}, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def worker_setup(job):

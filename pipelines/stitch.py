@@ -272,12 +272,10 @@ def run_finetune(cfg: Config) -> dict:
     print(f"[stitch finetune] {len(corpus)} clips; {job.workers} worker(s) x batch {job.batch_size}; {job.steps} steps; "
           f"cut {cfg.model.stitch.cut}; init {job.init or 'random'}; checkpoints -> {where}", flush=True)
     init_ray(cfg)
-    t0 = time.perf_counter()
-    result, metrics = fit(TorchTrainer(finetune_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")},
-                                       scaling_config=scaling(job), run_config=run_config))
-    summary = {"output": join(job.output, "stitch.pt"), "metrics": metrics,
-               "checkpoint": result.checkpoint.path if result.checkpoint else None,
-               "seconds": round(time.perf_counter() - t0, 2)}
+    summary = {"output": join(job.output, "stitch.pt"),
+               **fit(TorchTrainer(finetune_loop, train_loop_config={"cfg": cfg.model_dump(mode="json")},
+                                  scaling_config=scaling(job), run_config=run_config))}
+    metrics = summary["metrics"]
     print(f"[stitch finetune] done: step {metrics.get('step', job.steps)}, loss {metrics.get('loss', float('nan')):.4g}; "
           f"stitch checkpoint {summary['output']} (load with model.stitch.weights)", flush=True)
     return summary
