@@ -28,16 +28,24 @@ def join(base: str, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
+def s3_endpoint_and_region(storage=None) -> tuple[str | None, str | None]:
+    """The S3 endpoint and region every S3 client here uses: `storage.s3_endpoint` / `s3_region` when
+    set, else the usual AWS variables; None where neither says (the client's own default)."""
+    endpoint = (getattr(storage, "s3_endpoint", None) or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL"))
+    region = getattr(storage, "s3_region", None) or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    return endpoint, region
+
+
 @lru_cache(maxsize=8)
 def _s3(endpoint: str | None, region: str | None):
     import s3fs
 
-    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     client_kwargs = {}
     if endpoint:
         client_kwargs["endpoint_url"] = endpoint
-    if region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"):
-        client_kwargs["region_name"] = region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        client_kwargs["region_name"] = region
     # No listing cache: resume logic must see objects written by other processes.
     return s3fs.S3FileSystem(client_kwargs=client_kwargs, use_listings_cache=False, skip_instance_cache=True)
 
@@ -46,7 +54,7 @@ def filesystem(uri: str, storage=None):
     """(fsspec filesystem, path inside it) for a URI. `storage` is a StorageConfig or None."""
     uri = str(uri)
     if is_s3(uri):
-        fs = _s3(getattr(storage, "s3_endpoint", None), getattr(storage, "s3_region", None))
+        fs = _s3(*s3_endpoint_and_region(storage))
         return fs, uri[len("s3://"):]
     return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(uri))
 
