@@ -20,12 +20,10 @@ run of the same name, with the same weights an uninterrupted run would reach. Th
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 
-from pipelines.ray_setup import checkpointed_run, fit, init_ray, restored_checkpoint, scaling, worker_setup
+from pipelines.ray_setup import (checkpoint_due, checkpointed_run, failure_drill, fit, init_ray, report_step,
+                                 restored_checkpoint, scaling, worker_setup)
 from vist3a.config import Config, ConfigError, load_config
 
 # ----------------------------------------------------------------------------- driver side
@@ -132,7 +130,6 @@ def train_loop(config: dict) -> None:
     """Ray Train worker: resume or start, then step, report every step, checkpoint periodically."""
     import ray.data
     import ray.train
-    from ray.train import Checkpoint
 
     from vist3a.train.align import average_metrics, check_replicas_in_sync, draw_prompts, prompt_share
 
@@ -153,21 +150,13 @@ def train_loop(config: dict) -> None:
     start = trainer.step
     metrics: dict = {}
     while trainer.step < job.steps:
-        if job.fail_at_step is not None and trainer.step == job.fail_at_step and not resumed and rank == 0:
-            raise RuntimeError(f"failure drill: align.fail_at_step={job.fail_at_step}")
+        failure_drill(job, "align", trainer.step, resumed, rank)
         batch = draw_prompts(mine, job, trainer.step, rank)
         metrics = average_metrics(trainer.train_step(batch, rank, world, clips.batch(trainer.step) if clips else None), world)
         metrics.update(resumed_from=start if resumed else -1, world=world)
-        if trainer.step % job.checkpoint_every == 0 or trainer.step == job.steps:
-            check_replicas_in_sync(list(trainer.params.values()), world)
-            with tempfile.TemporaryDirectory() as d:
-                if rank == 0:
-                    trainer.save(d)
-                    with open(os.path.join(d, "config.json"), "w") as f:
-                        json.dump(config["cfg"], f)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
-        else:
-            ray.train.report(metrics)
+        if checkpoint_due(job, trainer.step):
+            check_replicas_in_sync(list(trainer.params.values()), world)  # a collective: every rank, before saving
+        report_step(metrics, job, trainer.step, rank, trainer.save, config["cfg"])
     if rank == 0:
         trainer.export(job.output, cfg.storage, {"run": job.name, "prompts": job.prompts, "workers": world,
                                                  "final": {k: v for k, v in metrics.items() if k.startswith("reward_")}})

@@ -6,11 +6,12 @@ Train) that are about Ray rather than about the job.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from vist3a.config import Config
 
@@ -32,6 +33,7 @@ def ray_storage(uri: str, storage) -> tuple[str, object | None]:
     """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig: s3:// goes through a
     pyarrow S3FileSystem on the configured endpoint (MinIO, a test server, AWS)."""
     from vist3a.io import is_s3
+    from vist3a.io.uri import s3_endpoint_and_region
 
     if not is_s3(uri):
         return os.path.abspath(os.path.expanduser(uri)), None
@@ -39,8 +41,8 @@ def ray_storage(uri: str, storage) -> tuple[str, object | None]:
 
     import pyarrow.fs
 
-    endpoint = storage.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs = {"region": storage.s3_region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"}
+    endpoint, region = s3_endpoint_and_region(storage)
+    kwargs = {"region": region or "us-east-1"}
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
@@ -113,3 +115,32 @@ def restored_checkpoint() -> Iterator[str | None]:
     else:
         with tempfile.TemporaryDirectory(prefix="vist3a-resume-") as d:
             yield checkpoint.to_directory(d)
+
+
+def failure_drill(job, section: str, step: int, resumed: bool, rank: int) -> None:
+    """`<section>.fail_at_step`: rank 0 raises at that step of a run that has not been restarted yet
+    (how the tests make Ray Train restart a run from its checkpoint)."""
+    if job.fail_at_step is not None and step == job.fail_at_step and not resumed and rank == 0:
+        raise RuntimeError(f"failure drill: {section}.fail_at_step={job.fail_at_step}")
+
+
+def checkpoint_due(job, step: int) -> bool:
+    """Whether `step` (just completed) gets a checkpoint: every `checkpoint_every` steps and the last one."""
+    return step % job.checkpoint_every == 0 or step == job.steps
+
+
+def report_step(metrics: dict, job, step: int, rank: int, save: Callable[[str], None], cfg_json: dict) -> None:
+    """Report this step's metrics to Ray Train. Every `checkpoint_every` steps and at the last one, with a
+    checkpoint: rank 0 fills a directory with `save(dir)` and the run's config.json (all ranks report)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    if not checkpoint_due(job, step):
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        if rank == 0:
+            save(d)
+            with open(os.path.join(d, "config.json"), "w") as f:
+                json.dump(cfg_json, f)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)

@@ -23,11 +23,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import uuid
 
-from pipelines.ray_setup import checkpointed_run, fit, init_ray, restored_checkpoint, scaling, worker_setup
+from pipelines.ray_setup import (checkpointed_run, failure_drill, fit, init_ray, report_step, restored_checkpoint,
+                                 scaling, worker_setup)
 from vist3a.config import Config, ConfigError, load_config
 
 # ----------------------------------------------------------------------------- shared
@@ -212,7 +212,6 @@ def finetune_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from ray.train import Checkpoint
 
     from vist3a.io import join
     from vist3a.io.corpus import Corpus
@@ -236,19 +235,11 @@ def finetune_loop(config: dict) -> None:
                           max(ft.vae_size, ft.image_size), job.seed)
     start = ft.step
     while ft.step < job.steps:
-        if job.fail_at_step is not None and ft.step == job.fail_at_step and not resumed and rank == 0:
-            raise RuntimeError(f"failure drill: stitch_job.fail_at_step={job.fail_at_step}")
+        failure_drill(job, "stitch_job", ft.step, resumed, rank)
         metrics = ft.train_step(sampler.batch(ft.step), model, rank)
         metrics.update(resumed_from=start if resumed else -1)
-        if ft.step % job.checkpoint_every == 0 or ft.step == job.steps:
-            with tempfile.TemporaryDirectory() as d:
-                if rank == 0:
-                    torch.save(ft.state_dict(), os.path.join(d, "state.pt"))
-                    with open(os.path.join(d, "config.json"), "w") as f:
-                        json.dump(config["cfg"], f)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
-        else:
-            ray.train.report(metrics)
+        report_step(metrics, job, ft.step, rank, lambda d: torch.save(ft.state_dict(), os.path.join(d, "state.pt")),
+                    config["cfg"])
     if rank == 0:
         meta = {"source": "finetune", "steps": job.steps, "corpus": job.corpus, "run": job.name,
                 "init": job.init, "final_loss": metrics["loss"] if ft.step > start else None}
