@@ -156,9 +156,9 @@ def render_views(gaussians: Gaussians, cameras: Cameras, views: list[int], frame
         raise ValueError(f"{gaussians.num} Gaussians are not pixel-aligned to {frames} views of {size}x{cameras.width}")
     g = gaussians
     if stride > 1:
-        rows, cols = torch.arange(0, size, stride), torch.arange(0, cameras.width, stride)
-        keep = ((torch.arange(frames)[:, None, None] * size + rows[None, :, None]) * cameras.width + cols[None, None, :])
-        g = gaussians.select(keep.flatten().to(gaussians.device))
+        from vist3a.stitching.finetune import every_nth_pixel
+
+        g = gaussians.select(every_nth_pixel(frames, size, cameras.width, stride).to(gaussians.device))
     cams = cameras.select(views)
     ks = cams.Ks.clone()
     ks[:, :2, :] = ks[:, :2, :] / stride  # continuous pixel coordinates scale by 1/n
