@@ -60,6 +60,7 @@ class ConversionReport:
     misshaped: dict[str, tuple[tuple, tuple]] = field(default_factory=dict)  # our key -> (released, ours)
     source_dtypes: Counter = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)  # anything else (unreadable layout, ...)
+    notes: list[str] = field(default_factory=list)  # worth knowing, not a mismatch
 
     @property
     def ok(self) -> bool:
@@ -78,6 +79,7 @@ class ConversionReport:
             lines.append(f"  adapted {key}: {how}")
         for reason, keys in _group_by_reason(self.ignored).items():
             lines.append(f"  ignored {_summarise_keys(keys)}: {reason}")
+        lines += [f"  note: {n}" for n in self.notes]
 
         def section(title: str, rows: list[str]) -> None:
             if rows:
