@@ -3,7 +3,9 @@
 Pose encoding (VGGT): [t (3), rotation quaternion x,y,z,w (4), fov_h, fov_w] of the
 world-to-camera transform; intrinsics have the principal point at the image centre.
 Pixel (row i, col j) covers [j, j+1) x [i, i+1); its centre (j+0.5, i+0.5) is the ray we
-unproject, the same convention as gsplat's rasteriser.
+unproject, the same convention as gsplat's rasteriser. AnySplat's code differs in two places that
+change its outputs, so its weights are run with them (`ReconConfig.conventions = "anysplat"`):
+focal = (size/2) / (tan(fov/2) + 1e-3), and depth unprojected at integer pixel coordinates (corners).
 """
 
 from __future__ import annotations
@@ -59,10 +61,12 @@ def rigid_inverse(transform: Tensor) -> Tensor:
     return out
 
 
-def pose_encoding_to_extri_intri(pose_enc: Tensor, image_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+def pose_encoding_to_extri_intri(pose_enc: Tensor, image_hw: tuple[int, int], focal_eps: float = 0.0
+                                ) -> tuple[Tensor, Tensor]:
     """Pose encoding [..., 9] -> (world-to-camera [..., 4, 4], pixel intrinsics [..., 3, 3]) at image_hw.
 
-    fov is clamped at 1e-4 rad so a degenerate prediction gives a huge focal length, not inf.
+    fov is clamped at 1e-4 rad so a degenerate prediction gives a huge focal length, not inf;
+    `focal_eps` is added to tan(fov/2) (AnySplat: 1e-3).
     """
     height, width = image_hw
     extrinsics = torch.zeros(*pose_enc.shape[:-1], 4, 4, dtype=pose_enc.dtype, device=pose_enc.device)
@@ -71,8 +75,8 @@ def pose_encoding_to_extri_intri(pose_enc: Tensor, image_hw: tuple[int, int]) ->
     extrinsics[..., 3, 3] = 1
     fov = pose_enc[..., 7:9].clamp_min(1e-4)
     intrinsics = torch.zeros(*pose_enc.shape[:-1], 3, 3, dtype=pose_enc.dtype, device=pose_enc.device)
-    intrinsics[..., 0, 0] = (width / 2) / torch.tan(fov[..., 1] / 2)
-    intrinsics[..., 1, 1] = (height / 2) / torch.tan(fov[..., 0] / 2)
+    intrinsics[..., 0, 0] = (width / 2) / (torch.tan(fov[..., 1] / 2) + focal_eps)
+    intrinsics[..., 1, 1] = (height / 2) / (torch.tan(fov[..., 0] / 2) + focal_eps)
     intrinsics[..., 0, 2] = width / 2
     intrinsics[..., 1, 2] = height / 2
     intrinsics[..., 2, 2] = 1
@@ -88,11 +92,12 @@ def extri_intri_to_pose_encoding(extrinsics: Tensor, intrinsics: Tensor, image_h
     return torch.cat([extrinsics[..., :3, 3], quat, fov_h[..., None], fov_w[..., None]], dim=-1)
 
 
-def unproject_depth(depth: Tensor, intrinsics: Tensor, cam_to_world: Tensor) -> Tensor:
-    """Depth maps [..., H, W] (z along the optical axis) -> world points [..., H, W, 3] at pixel centres."""
+def unproject_depth(depth: Tensor, intrinsics: Tensor, cam_to_world: Tensor, pixel_offset: float = 0.5) -> Tensor:
+    """Depth maps [..., H, W] (z along the optical axis) -> world points [..., H, W, 3] at pixel centres
+    (`pixel_offset` 0.5; AnySplat: 0, the pixel corners)."""
     height, width = depth.shape[-2:]
-    v, u = torch.meshgrid(torch.arange(height, dtype=depth.dtype, device=depth.device) + 0.5,
-                          torch.arange(width, dtype=depth.dtype, device=depth.device) + 0.5, indexing="ij")
+    v, u = torch.meshgrid(torch.arange(height, dtype=depth.dtype, device=depth.device) + pixel_offset,
+                          torch.arange(width, dtype=depth.dtype, device=depth.device) + pixel_offset, indexing="ij")
     k = intrinsics[..., None, None, :, :]
     x = (u - k[..., 0, 2]) / k[..., 0, 0] * depth
     y = (v - k[..., 1, 2]) / k[..., 1, 1] * depth
