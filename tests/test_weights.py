@@ -440,3 +440,28 @@ def test_cli_weights_manifest(tmp_path, capsys):
     import hashlib
 
     assert manifest["files"] == {"a.bin": {"size": 3, "sha256": hashlib.sha256(b"abc").hexdigest()}}
+
+
+def test_hub_reference_to_a_file_inside_a_repo(tmp_path):
+    """hf://owner/name/path names one file (or folder) of a repo: only it is fetched, and it is what loads."""
+    from vist3a.weights.locate import hub_download_command, hub_parts
+
+    assert hub_parts("hf://HJGO/VIST3A/anysplat_stitched.pth") == ("HJGO/VIST3A", None, "anysplat_stitched.pth")
+    assert hub_parts("hf://HJGO/VIST3A@v1/vist3a_1.3b_lora_ema") == ("HJGO/VIST3A", "v1", "vist3a_1.3b_lora_ema")
+    assert hub_parts("hf://facebook/VGGT-1B@main") == ("facebook/VGGT-1B", "main", None)
+    assert classify("weights/vist3a/anysplat_stitched.pth") == "local"  # a bare three-part path is a path
+    assert hub_download_command("hf://HJGO/VIST3A/anysplat_stitched.pth", "weights/vist3a") == \
+        "hf download HJGO/VIST3A anysplat_stitched.pth --local-dir weights/vist3a"
+    assert hub_download_command("hf://HJGO/VIST3A/vist3a_1.3b_lora_ema", "weights/vist3a") == \
+        'hf download HJGO/VIST3A --include "vist3a_1.3b_lora_ema/*" --local-dir weights/vist3a'
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = tmp_path / "models--HJGO--VIST3A"
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    missing = resolve("hf://HJGO/VIST3A/anysplat_stitched.pth", fetch=False, hub_cache_dir=str(tmp_path))
+    assert not missing.found and "has no anysplat_stitched.pth" in missing.notes[-1]
+    (snapshot / "anysplat_stitched.pth").write_bytes(b"x")
+    loc = resolve("hf://HJGO/VIST3A/anysplat_stitched.pth", fetch=False, hub_cache_dir=str(tmp_path))
+    assert loc.found and loc.local == snapshot / "anysplat_stitched.pth"

@@ -1,5 +1,6 @@
 """Where weights live: a local path, an s3:// prefix (fetched once into a verified local cache)
-or a Hugging Face hub id (`owner/name`, `hf://owner/name[@revision]`).
+or a Hugging Face hub reference: a repo (`owner/name`, `hf://owner/name[@revision]`) or a file or
+folder inside one (`hf://owner/name[@revision]/path`, e.g. `hf://HJGO/VIST3A/anysplat_stitched.pth`).
 
 Every resolution says where it looked, so a missing file becomes a message a person can act on.
 s3:// prefixes are copied file by file into `storage.cache_dir/s3/<bucket>/<key>`; each file is
@@ -24,6 +25,7 @@ MANIFEST_NAME = "vist3a-manifest.json"
 MANIFEST_FORMAT = "vist3a-weights-manifest/1"
 COMPLETE_NAME = ".vist3a-complete.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+_HUB_REF = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w.-]+)?(/[\w.-]+)+$")
 _CHUNK = 8 << 20
 
 
@@ -58,16 +60,38 @@ def classify(spec: str) -> str:
         return "hub"
     if "://" in spec:
         raise WeightsError(f"unsupported weights location {spec!r}: use a local path, s3://bucket/prefix or a hub id")
+    # A file inside a repo needs hf:// (weights/vist3a/x.pth is a local path, present or not).
     if _HUB_ID.match(spec) and not Path(spec).expanduser().exists() and not spec.startswith((".", "~")):
         return "hub"
     return "local"
 
 
 def hub_repo(spec: str) -> tuple[str, str | None]:
-    """'hf://owner/name@rev' or 'owner/name' -> ('owner/name', 'rev' | None)."""
-    repo = spec.removeprefix("hf://")
-    repo, _, revision = repo.partition("@")
-    return repo, revision or None
+    """'hf://owner/name@rev[/path]' or 'owner/name' -> ('owner/name', 'rev' | None)."""
+    return hub_parts(spec)[:2]
+
+
+def hub_parts(spec: str) -> tuple[str, str | None, str | None]:
+    """-> (repo, revision, path inside the repo). A revision followed by a path holds no '/'."""
+    ref = spec.removeprefix("hf://")
+    if _HUB_REF.match(ref):
+        owner, name, *rest = ref.split("/")
+        name, _, revision = name.partition("@")
+        return f"{owner}/{name}", revision or None, "/".join(rest)
+    repo, _, revision = ref.partition("@")
+    return repo, revision or None, None
+
+
+def hub_download_command(spec: str, local_dir: str) -> str:
+    """The `hf download` line that fetches what `spec` names into `local_dir`."""
+    repo, revision, path = hub_parts(spec)
+    rev = f" --revision {revision}" if revision else ""
+    if path is None:
+        return f"hf download {repo}{rev} --local-dir {local_dir}"
+    if Path(path).suffix in (".pth", ".pt", ".safetensors", ".bin", ".json", ".ckpt"):  # a file
+        return f"hf download {repo} {path}{rev} --local-dir {local_dir}"
+    return f'hf download {repo} --include "{path}/*"{rev} --local-dir {local_dir}'
+
 
 
 def resolve(spec: str, storage=None, *, fetch: bool = False, allow_patterns: list[str] | None = None,
@@ -297,21 +321,30 @@ def _resolve_hub(spec: str, fetch: bool, allow_patterns: list[str] | None, cache
     the cache alone."""
     from huggingface_hub import constants, snapshot_download
 
-    repo, revision = hub_repo(spec)
+    repo, revision, path = hub_parts(spec)
+    if path is not None:  # a file or folder inside the repo: fetch only that
+        allow_patterns = [path, f"{path}/*"]
     cache = cache_dir or constants.HF_HUB_CACHE
-    loc = Location(spec, "hub", looked=[f"{cache} (Hugging Face cache, repo {repo})"])
+    where = f"repo {repo}" + (f", {path}" if path else "")
+    loc = Location(spec, "hub", looked=[f"{cache} (Hugging Face cache, {where})"])
     kwargs = {"repo_id": repo, "revision": revision, "allow_patterns": allow_patterns, "cache_dir": cache_dir}
+
+    def inside(snapshot: str) -> Path:
+        return Path(snapshot) / path if path else Path(snapshot)
+
     if fetch:
-        loc.looked.append(f"https://huggingface.co/{repo}")
+        loc.looked.append(f"https://huggingface.co/{repo}" + (f" ({path})" if path else ""))
         try:
-            loc.local = Path(snapshot_download(**kwargs))
+            loc.local = inside(snapshot_download(**kwargs))
             return loc
         except Exception as exc:  # noqa: BLE001 - offline, gated, unknown repo: all reported the same way
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             loc.notes.append(f"hub download failed ({type(exc).__name__}: {first_line[:200]})")
     try:
-        loc.local = Path(snapshot_download(local_files_only=True, **kwargs))
-        if fetch:
+        loc.local = inside(snapshot_download(local_files_only=True, **kwargs))
+        if not loc.local.exists():
+            loc.notes.append(f"the cached snapshot of {repo} has no {path}")
+        elif fetch:
             loc.notes.append("using the cached copy")
     except Exception as exc:  # noqa: BLE001 - not cached, in any of its spellings
         loc.notes.append(f"not in the cache ({type(exc).__name__})")
