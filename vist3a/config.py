@@ -106,6 +106,11 @@ class ReconConfig(Strict):
     )
     sh_degree: int = Field(1, ge=0, le=4)
     heads: tuple[Literal["camera", "depth", "points", "gaussians"], ...] = ("camera", "depth", "points", "gaussians")
+    conventions: Literal["vggt", "anysplat"] = Field(
+        "vggt", description="anysplat: focal (size/2)/(tan(fov/2)+1e-3) and depth unprojected at pixel corners, as "
+                            "AnySplat's code runs its weights; vggt: plain focal, pixel centres")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="the network's weights; bfloat16 as the release runs it (the heads stay float32)")
 
     @model_validator(mode="after")
     def _check(self) -> "ReconConfig":
@@ -123,8 +128,15 @@ class ReconConfig(Strict):
 class StitchConfig(Strict):
     spec: str = Field("conv3d_k3x3x3_o32_s1x1x1_p1x1x1", description="stitching layer, conv{1|2|3}d_k<K>_o<C>[_s<S>][_p<P>][_d<D>]")
     cut: str = Field("blocks.1", description="cut point of the reconstruction network")
-    weights: str | None = Field(None, description="stitching layer (+ LoRA) checkpoint; random init when absent")
+    weights: str | None = Field(None, description="stitching layer (+ LoRA): vist3a's own checkpoint or the release's "
+                                                 "anysplat_stitched.pth; random init when absent")
     seed: int = 2
+    lora_rank: int | None = Field(None, ge=1, description="LoRA rank of a released .pth (checked against its shapes)")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha of a released .pth (not stored in the file)")
+    readd_pos_embed: bool = Field(False, description="add the patch position embedding to the stitching layer's "
+                                                     "output (the release); False: the layer predicts it (vist3a's search)")
+    frames_antialias: bool = Field(True, description="antialiased resize of the VAE frames the Gaussian head sees; "
+                                                     "False: plain trilinear, as the release")
 
     @field_validator("cut")
     @classmethod
@@ -151,8 +163,17 @@ class SamplingConfig(Strict):
     frames: int = Field(5, ge=1, description="video frames T; must be 4k+1 (Wan VAE 4x time compression)")
     height: int = Field(64, ge=16)
     width: int = Field(64, ge=16)
-    negative_prompt: str = ""
+    negative_prompt: str = Field("", description="used for every prompt that brings none of its own")
+    prompt_template: str = Field("{prompt}", description="what the video model is given; {prompt} is the user's prompt "
+                                                         "(outputs and the manifest keep the user's prompt)")
     seed: int | None = Field(None, description="default seed when a request gives none; None derives it from the prompt")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        if v.count("{prompt}") != 1:
+            raise ValueError(f"prompt_template must contain {{prompt}} exactly once, got {v!r}")
+        return v
 
     @field_validator("frames")
     @classmethod
@@ -172,7 +193,10 @@ class SamplingConfig(Strict):
 class SplatOutputConfig(Strict):
     voxel_size: float | None = Field(None, gt=0, description="merge pixel-aligned Gaussians per voxel (world units); None keeps all")
     min_opacity: float = Field(0.0, ge=0.0, lt=1.0, description="drop Gaussians below this opacity")
-    ply_sh_degree: int = Field(3, ge=0, le=3, description="SH degree written to .ply (viewers read <= 3)")
+    ply_sh_degree: int = Field(3, ge=0, le=3, description="SH degree written to .ply (viewers read <= 3); 0: DC colour only")
+    postprocess: Literal["vist3a", "anysplat"] = Field(
+        "vist3a", description="anysplat: AnySplat's own voxelize/conf masking/opacity_conf, read from the config.json "
+                              "beside model.recon.weights; vist3a: voxel_size and min_opacity here")
     preview_views: int = Field(4, ge=0, le=64)
     preview_size: int = Field(256, ge=16, le=4096)
 
@@ -393,6 +417,9 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _check_cross(self) -> "Config":
+        if self.splats.postprocess == "anysplat" and self.splats.voxel_size is not None:
+            raise ValueError(f"splats.voxel_size is {self.splats.voxel_size} but splats.postprocess is 'anysplat' (its "
+                             "config.json decides the voxels): unset one of them")
         if self.model.video.transformer.text_dim != self.model.video.text_encoder.d_model and self.model.video.source == "random":
             raise ValueError(
                 f"model.video.transformer.text_dim ({self.model.video.transformer.text_dim}) must equal "
