@@ -5,7 +5,7 @@
 1. the reward terms of fixed prompts/seeds on CUDA (float32) equal the CPU's;
 2. 3 AlignTrainer steps on CUDA with a bfloat16 transformer, CFG, random grad steps and gradient
    checkpointing: finite losses, float32 adapters, only the LoRA changes, step time and peak memory;
-3. export -> model.video.lora -> a bfloat16 VideoModel on CUDA samples what the trainer's adapted
+3. export -> model.video.lora -> a bfloat16 WanVideo on CUDA samples what the trainer's adapted
    transformer samples, and not what the base model samples.
 Renders use the torch backend (no gsplat build in the budget; gsplat vs. torch: tests/test_gpu_render.py).
 """
@@ -34,8 +34,8 @@ def trainer(cfg, device, dtype, scorer_dir):
     from vist3a.train.align import AlignTrainer
 
     video = build_video(cfg, device, dtype)
-    return AlignTrainer(cfg, video, build_stitched_decoder(cfg, video, device), ClipScorer.load(scorer_dir, device=device),
-                        device)
+    decoder = build_stitched_decoder(cfg, video.vae, device, decode_frames=video.decode)
+    return AlignTrainer(cfg, video, decoder, ClipScorer.load(scorer_dir, device=device), device)
 
 
 def main() -> int:
@@ -80,11 +80,11 @@ def main() -> int:
         paths = tr.export(os.path.join(tmp, "aligned"))
         kw = dict(steps=3, guidance=5.0, shift=3.0, frames=5, height=32, width=32)
         with torch.no_grad():
-            adapted = tr.sampler.sample(PROMPTS, [5, 6], **kw)
+            adapted = tr.video.sample(PROMPTS, [5, 6], **kw)
             aligned = build_video(load_config(None, base + ["runtime.dtype=bfloat16", f"model.video.lora={paths['lora']}"]),
-                                  cuda, torch.bfloat16).sampler.sample(PROMPTS, [5, 6], **kw)
+                                  cuda, torch.bfloat16).sample(PROMPTS, [5, 6], **kw)
             plain = build_video(load_config(None, base + ["runtime.dtype=bfloat16"]), cuda,
-                                torch.bfloat16).sampler.sample(PROMPTS, [5, 6], **kw)
+                                torch.bfloat16).sample(PROMPTS, [5, 6], **kw)
         out["loaded_vs_adapted_max_abs"] = float((aligned - adapted).abs().max())
         out["loaded_vs_base_max_abs"] = float((aligned - plain).abs().max())
     ok = (out["cpu_vs_cuda_max_abs"] < 1e-3 and all(s["skipped"] == 0 for s in out["bf16_steps"])

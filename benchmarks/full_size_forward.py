@@ -34,10 +34,11 @@ def stage(name, fn, repeat=1):
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
 from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 from vist3a.config import build_config
-from vist3a.video import VideoSampler, WanComponents
+from vist3a.video import WanComponents, WanVideo
 from vist3a.video.components import _cast_like_from_pretrained
 from vist3a.recon import ReconNet
-from vist3a.stitching import StitchedDecoder, StitchingLayer, resize_frames
+from vist3a.io.frames import resize_frames
+from vist3a.stitching import StitchedDecoder, StitchingLayer
 
 cfg = build_config({} if SMOKE else {"preset": "wan2.1-1.3b+anysplat"})
 v = cfg.model.video
@@ -64,7 +65,7 @@ comps = stage("build_wan_random_bf16", build_video)
 R["params"] = {"transformer": sum(p.numel() for p in comps.transformer.parameters()),
                "text_encoder": sum(p.numel() for p in comps.text_encoder.parameters()),
                "vae": sum(p.numel() for p in comps.vae.parameters())}
-sampler = VideoSampler(comps)
+sampler = WanVideo(comps)
 s = cfg.sampling
 kw = dict(guidance=7.5, shift=5.0, frames=5 if SMOKE else 13, height=64 if SMOKE else 512, width=64 if SMOKE else 512)
 size = cfg.model.recon.img_size

@@ -33,7 +33,8 @@ def main() -> int:
     from vist3a.data import procedural_clip
     from vist3a.models import build_recon
     from vist3a.stitching import StitchedDecoder, StitchingLayer, load_stitch_checkpoint, save_stitch_checkpoint
-    from vist3a.stitching.finetune import StitchFinetuner, build_decoder
+    from vist3a.models import build_stitched_decoder
+    from vist3a.stitching.finetune import StitchFinetuner
     from vist3a.stitching.search import LayerSearch, NormalEquations
     from vist3a.video import build_wan, encode_frames
 
@@ -62,7 +63,7 @@ def main() -> int:
     losses = {}
     for dev in ("cpu", "cuda"):
         vae = build_wan(cfg.model.video, device=dev).vae
-        ft = StitchFinetuner(build_decoder(cfg, vae, dev), vae, cfg.stitch_job, 64, torch.device(dev))
+        ft = StitchFinetuner(build_stitched_decoder(cfg, vae, dev, load_weights=False), vae, cfg.stitch_job, 64, torch.device(dev))
         m = ft.train_step(clips[:1])
         losses[dev] = m["loss"]
         if dev == "cuda":

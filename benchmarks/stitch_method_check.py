@@ -76,7 +76,7 @@ def load_clips(uri: str) -> list[dict]:
     """Every clip as tensors: frames at VAE and network size, GT depth, cameras relative to frame 0."""
     from vist3a.io.corpus import Corpus
     from vist3a.recon import rigid_inverse
-    from vist3a.stitching import resize_frames
+    from vist3a.io.frames import resize_frames
 
     clips = []
     for c in Corpus(uri).iter_clips():
@@ -104,7 +104,8 @@ def render_at(gaussians, w2c, k):
 def pretrain(net, clips, steps: int, lr: float, seed: int, render_stride: int) -> list[float]:
     """Supervised training on GT depth, GT poses and renders at GT cameras (2 random views a step)."""
     from vist3a.recon import extri_intri_to_pose_encoding, to_gaussians
-    from vist3a.stitching.finetune import every_nth_pixel, render_l1
+    from vist3a.splats.stride import every_nth_pixel
+    from vist3a.stitching.finetune import render_l1
 
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -179,14 +180,13 @@ def run_search(vae, net, clips, cut_candidates, lam: float):
 @torch.no_grad()
 def forward_only_seconds(vae, net, clips) -> float:
     """The same forward passes (VAE encode + network up to the deepest block) with nothing kept."""
-    from vist3a.stitching.search import recon_features
     from vist3a.video import denormalize_latents, encode_frames
 
-    features = recon_features(net, net.cut_points())
+    cuts = net.cut_points()
     t0 = time.perf_counter()
     for c in clips:
         denormalize_latents(vae, encode_frames(vae, c["vae"][CONTEXT][None]))
-        features(c["img"][CONTEXT][None])
+        net.activations_at(cuts, c["img"][CONTEXT][None])
     return time.perf_counter() - t0
 
 

@@ -92,7 +92,7 @@ def build_trainer(cfg: Config, device):
     local_cfg, _ = prepare_weights(cfg)
     dtype = getattr(torch, cfg.runtime.dtype)
     video = build_video(local_cfg, device, dtype)
-    decoder = build_stitched_decoder(local_cfg, video, device)
+    decoder = build_stitched_decoder(local_cfg, video.vae, device, decode_frames=video.decode)
     job = cfg.align
     scorer = (ClipScorer.load(job.scorer, cfg.storage, job.scorer_tokenizer, device)
               if job.reward_weights["quality"] > 0 else None)
@@ -116,7 +116,7 @@ class ClipDraws:
         import numpy as np
         import torch
 
-        from vist3a.stitching.search import clip_views
+        from vist3a.io.corpus import clip_views
 
         job, s = self.cfg.align, self.cfg.sampling
         rng = np.random.default_rng([job.seed, step, self.rank, 1])

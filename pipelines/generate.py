@@ -53,7 +53,7 @@ class ValidatePrompts:
         from vist3a.generator import SceneGenerator
 
         self.cfg = Config.model_validate(cfg_dict)
-        local = SceneGenerator.startup_check(self.cfg)  # hub ids / s3:// made local on this node
+        local = SceneGenerator.fetch_and_verify_weights(self.cfg)  # hub ids / s3:// made local on this node
         self.tokenizer = load_tokenizer(local.model.video)
 
     def __call__(self, batch: dict) -> dict:
@@ -223,7 +223,7 @@ def run(cfg: Config) -> dict:
     job = cfg.generate
     t0 = time.perf_counter()
     ensure_writable(job.output, cfg.storage)
-    SceneGenerator.startup_check(cfg)  # missing weights fail here, before Ray or any GPU starts
+    SceneGenerator.fetch_and_verify_weights(cfg)  # missing weights fail here, before Ray or any GPU starts
     table, stats = read_prompts(job.input, cfg.storage)
     if job.limit:
         table = table.slice(0, job.limit)

@@ -84,7 +84,8 @@ def search_loop(config: dict) -> None:
 
     from vist3a.io.corpus import Corpus
     from vist3a.models import build_recon
-    from vist3a.stitching.search import LayerSearch, clip_views, is_heldout
+    from vist3a.io.corpus import clip_views
+    from vist3a.stitching.search import LayerSearch, is_heldout
 
     cfg = Config.model_validate(config["cfg"])
     job = cfg.stitch_job
@@ -198,7 +199,7 @@ class ClipSampler:
         import numpy as np
         import torch
 
-        from vist3a.stitching.search import clip_views
+        from vist3a.io.corpus import clip_views
 
         rng = np.random.default_rng([self.seed, step, self.rank])
         picks = rng.choice(self.indices, size=self.batch_size, replace=len(self.indices) < self.batch_size)
@@ -216,13 +217,14 @@ def finetune_loop(config: dict) -> None:
     from vist3a.io import join
     from vist3a.io.corpus import Corpus
     from vist3a.stitching import read_stitch_checkpoint, save_stitch_checkpoint
-    from vist3a.stitching.finetune import StitchFinetuner, build_decoder
+    from vist3a.models import build_stitched_decoder
+    from vist3a.stitching.finetune import StitchFinetuner
 
     cfg = Config.model_validate(config["cfg"])
     job = cfg.stitch_job
     rank, world, device = worker_setup(cfg.stitch_job)
     vae = load_vae(cfg, device)
-    ft = StitchFinetuner(build_decoder(cfg, vae, device), vae, job, vae_size(cfg), device)
+    ft = StitchFinetuner(build_stitched_decoder(cfg, vae, device, load_weights=False), vae, job, vae_size(cfg), device)
     with restored_checkpoint() as d:
         resumed = d is not None
         if resumed:

@@ -27,6 +27,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def repo_root() -> str:
+    """The repository's root directory (subprocesses run there, deploy/ files are read from it)."""
+    return REPO
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread: on a busy 2-core machine more threads spin against each other (10x slower)."""

@@ -42,15 +42,14 @@ def make_trainer(cfg, scorer_dir=None):
     from vist3a.train.align import AlignTrainer
 
     video = build_video(cfg, CPU, torch.float32)
-    decoder = build_stitched_decoder(cfg, video, CPU)
+    decoder = build_stitched_decoder(cfg, video.vae, CPU, decode_frames=video.decode)
     scorer = ClipScorer.load(scorer_dir) if cfg.align.reward_weights["quality"] > 0 else None
     return AlignTrainer(cfg, video, decoder, scorer)
 
 
-def sample(video_or_sampler, seeds=(11, 12)):
-    sampler = getattr(video_or_sampler, "sampler", video_or_sampler)
+def sample(video, seeds=(11, 12)):
     with torch.no_grad():
-        return sampler.sample(PROMPTS, list(seeds), steps=2, guidance=1.0, shift=3.0, frames=5, height=32, width=32)
+        return video.sample(PROMPTS, list(seeds), steps=2, guidance=1.0, shift=3.0, frames=5, height=32, width=32)
 
 
 # ----------------------------------------------------------------------------- scorer and reward terms
@@ -190,15 +189,15 @@ def test_a_short_run_raises_the_reward_beyond_seed_noise(scorer_dir):
 def test_the_aligned_lora_changes_generation_only_when_loaded(scorer_dir, tmp_path, s3_bucket):
     from vist3a.generator import SceneGenerator
     from vist3a.models import build_video
-    from vist3a.stitching.lora import adapters_disabled
+    from vist3a.lora import adapters_disabled
 
     cfg = load_config(None, FAST + [f"align.scorer={scorer_dir}", "align.lr=1e-2"])
     tr = make_trainer(cfg, scorer_dir)
     tr.train_step(PROMPTS[:1])
     paths = tr.export(str(tmp_path / "aligned"))
-    adapted = sample(tr.sampler)
+    adapted = sample(tr.video)
     with adapters_disabled(tr.transformer):
-        unadapted = sample(tr.sampler)
+        unadapted = sample(tr.video)
 
     base = sample(build_video(load_config(None, FAST), CPU, torch.float32))
     torch.testing.assert_close(base, unadapted, rtol=0, atol=0)  # no key: exactly the base model
@@ -229,7 +228,8 @@ def test_an_interrupted_ray_run_reruns_to_the_weights_of_an_uninterrupted_one(ra
     import s3fs
 
     from pipelines.align import read_prompt_table, run_align
-    from vist3a.train.align import draw_prompts, prompt_share, read_lora_dir
+    from vist3a.lora import read_lora_dir
+    from vist3a.train.align import draw_prompts, prompt_share
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red barn in the snow\na lighthouse on a rock\na stone bridge in autumn\n")

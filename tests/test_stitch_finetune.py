@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from vist3a.config import load_config
-from vist3a.stitching.finetune import StitchFinetuner, build_decoder, distillation_losses, warmup_cosine
-from vist3a.stitching.lora import adapters_disabled, add_lora, lora_config_dict, lora_targets, merge_lora
+from vist3a.lora import adapters_disabled, add_lora, lora_config_dict, lora_targets, merge_lora
+from vist3a.models import build_stitched_decoder
+from vist3a.stitching.finetune import StitchFinetuner, distillation_losses, warmup_cosine
 
 FAST = ["stitch_job.render_stride=4", "stitch_job.lora_rank=4", "stitch_job.warmup_steps=2"]
 
@@ -92,13 +93,12 @@ def test_losses_vanish_on_the_teacher_and_the_schedule_warms_up_then_decays():
 
 
 def test_a_step_trains_only_the_stitching_layer_and_lora_and_the_generator_loads_the_result(vae, stitch_corpus, tmp_path):
-    from vist3a.io.corpus import Corpus
-    from vist3a.models import build_stitched_decoder, build_video
+    from vist3a.io.corpus import Corpus, clip_views
+    from vist3a.models import build_video
     from vist3a.stitching import save_stitch_checkpoint
-    from vist3a.stitching.search import clip_views
 
     cfg = load_config(None, FAST)
-    ft = StitchFinetuner(build_decoder(cfg, vae), vae, cfg.stitch_job, vae_size=64)
+    ft = StitchFinetuner(build_stitched_decoder(cfg, vae, "cpu", load_weights=False), vae, cfg.stitch_job, vae_size=64)
     base = {n: p.detach().clone() for n, p in ft.decoder.named_parameters() if "lora_" not in n}
     frames = clip_views(next(Corpus(stitch_corpus).iter_clips()), 5, 64)[None]
     m1 = ft.train_step(frames)
@@ -112,7 +112,8 @@ def test_a_step_trains_only_the_stitching_layer_and_lora_and_the_generator_loads
     uri = str(tmp_path / "stitch.pt")
     save_stitch_checkpoint(uri, ft.export({"note": "test"}))
     gen_cfg = load_config(None, [f"model.stitch.weights={uri}"])
-    decoder = build_stitched_decoder(gen_cfg, build_video(gen_cfg, torch.device("cpu"), torch.float32), torch.device("cpu"))
+    video = build_video(gen_cfg, torch.device("cpu"), torch.float32)
+    decoder = build_stitched_decoder(gen_cfg, video.vae, torch.device("cpu"), decode_frames=video.decode)
     torch.testing.assert_close(decoder.stitch.conv.weight, ft.decoder.stitch.conv.weight)
     from vist3a.video import encode_frames
 
@@ -125,7 +126,7 @@ def test_a_step_trains_only_the_stitching_layer_and_lora_and_the_generator_loads
 
     with pytest.raises(ValueError, match="model.stitch.cut=blocks.1"):
         build_stitched_decoder(load_config(None, [f"model.stitch.weights={uri}", "model.stitch.cut=blocks.2"]),
-                               build_video(gen_cfg, torch.device("cpu"), torch.float32), torch.device("cpu"))
+                               video.vae, torch.device("cpu"), decode_frames=video.decode)
 
 
 def test_finetune_killed_midway_resumes_from_s3_and_matches_an_uninterrupted_run(ray_local, s3_bucket, stitch_corpus, vae):
@@ -152,7 +153,7 @@ def test_finetune_killed_midway_resumes_from_s3_and_matches_an_uninterrupted_run
 
     # the same 4 steps in this process, never interrupted, each on both workers' clips as one batch
     ref_cfg = load_config(None, overrides)
-    ref = StitchFinetuner(build_decoder(ref_cfg, vae), vae, ref_cfg.stitch_job, vae_size=64)
+    ref = StitchFinetuner(build_stitched_decoder(ref_cfg, vae, "cpu", load_weights=False), vae, ref_cfg.stitch_job, vae_size=64)
     samplers = [ClipSampler(Corpus(stitch_corpus), rank, 2, 5, 1, 64, ref_cfg.stitch_job.seed) for rank in (0, 1)]
     while ref.step < 4:
         ref.train_step(torch.cat([sampler.batch(ref.step) for sampler in samplers]))

@@ -11,15 +11,14 @@ import pytest
 import torch
 
 from vist3a.config import load_config
+from vist3a.io.corpus import clip_views
 from vist3a.stitching import StitchingLayer, StitchSpec, read_stitch_checkpoint, upsample_time
 from vist3a.stitching.search import (
     LayerSearch,
     NormalEquations,
     best_layer,
-    clip_views,
     conv_patches,
     is_heldout,
-    recon_features,
     residual_stats,
     ridge_solve,
 )
@@ -98,7 +97,7 @@ def test_conv_rows_reproduce_the_stitching_layer(spec):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_hooked_features_equal_activations():
+def test_features_at_several_cuts_in_one_pass_equal_activations():
     from vist3a.recon import ReconNet
 
     cfg = load_config()
@@ -106,7 +105,7 @@ def test_hooked_features_equal_activations():
     images = torch.rand(1, 2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     cuts = ["blocks.0", "blocks.2"]
     with torch.no_grad():
-        feats = recon_features(net, cuts)(images)
+        feats = net.activations_at(cuts, images)
         for cut in cuts:
             torch.testing.assert_close(feats[cut], net.activations(cut, images), rtol=0, atol=0)
 

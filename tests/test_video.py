@@ -7,7 +7,7 @@ import torch
 
 from vist3a.config import VideoModelConfig
 from vist3a.video import (
-    VideoSampler,
+    WanVideo,
     build_wan,
     check_prompt,
     denormalize_latents,
@@ -30,7 +30,7 @@ def comps():
 
 @pytest.fixture(scope="module")
 def sampler(comps):
-    return VideoSampler(comps)
+    return WanVideo(comps)
 
 
 def test_build_is_deterministic_and_leaves_global_rng_alone():
@@ -52,7 +52,7 @@ def test_bfloat16_keeps_wan_fp32_modules(comps):
     assert c.transformer.proj_out.weight.dtype == torch.bfloat16
     assert c.transformer.scale_shift_table.dtype == torch.float32  # in _keep_in_fp32_modules
     assert c.vae.decoder.conv_out.weight.dtype == torch.float32  # VAE stays float32 by default
-    z = VideoSampler(c).sample(["a lamp"], [0], **{**BASE, "steps": 2})
+    z = WanVideo(c).sample(["a lamp"], [0], **{**BASE, "steps": 2})
     assert z.dtype == torch.float32 and torch.isfinite(z).all()
 
 
@@ -128,8 +128,8 @@ def test_grad_through_chosen_steps(sampler):
 
 
 def test_gradient_checkpointing_gives_same_grads():
-    ref = VideoSampler(build_wan(CFG))
-    ckpt = VideoSampler(build_wan(CFG), gradient_checkpointing=True)
+    ref = WanVideo(build_wan(CFG))
+    ckpt = WanVideo(build_wan(CFG), gradient_checkpointing=True)
     assert ckpt.components.transformer.gradient_checkpointing
     _, g_ref = _grads(ref, [1, -1])
     _, g_ck = _grads(ckpt, [1, -1])
@@ -138,8 +138,8 @@ def test_gradient_checkpointing_gives_same_grads():
 
 
 def test_euler_scheduler_option(comps):
-    z_euler = VideoSampler(comps, scheduler="euler").sample(["a red chair"], [1], **BASE)
-    z_unipc = VideoSampler(comps).sample(["a red chair"], [1], **BASE)
+    z_euler = WanVideo(comps, scheduler="euler").sample(["a red chair"], [1], **BASE)
+    z_unipc = WanVideo(comps).sample(["a red chair"], [1], **BASE)
     assert z_euler.shape == z_unipc.shape and not torch.allclose(z_euler, z_unipc)
 
 
@@ -201,7 +201,7 @@ def test_save_and_load_round_trip_matches_diffusers_pipeline(comps, sampler, tmp
     loaded = build_wan(VideoModelConfig(source="pretrained", weights=str(tmp_path)))
     prompts, seeds = ["a red chair", "a small boat"], [4, 5]
     ours = sampler.sample(prompts, seeds, **BASE)
-    again = VideoSampler(loaded).sample(prompts, seeds, **BASE)
+    again = WanVideo(loaded).sample(prompts, seeds, **BASE)
     torch.testing.assert_close(again, ours, atol=1e-6, rtol=1e-6)
 
     # Independent reference: diffusers' own Wan pipeline loads the same directory and, from the

@@ -18,9 +18,12 @@ from PIL import Image
 
 from vist3a.config import Config, load_config
 from vist3a.ids import fingerprint, seed_from
+from vist3a.io import join, write_bytes
+from vist3a.models import build_stitched_decoder, build_video
 from vist3a.splats.gaussians import Cameras, Gaussians
 from vist3a.splats.ply import ply_bytes
 from vist3a.splats.preview import png_bytes, render_previews, save_preview_grid
+from vist3a.weights import prepare_weights
 
 PACKAGES = ("vist3a", "torch", "diffusers", "transformers", "peft", "gsplat", "numpy")
 
@@ -66,27 +69,24 @@ class SceneGenerator:
     """Loads the video model, the reconstruction network and the stitching layer once; generates batches."""
 
     def __init__(self, cfg: Config | None = None):
-        from vist3a.models import build_stitched_decoder, build_video
-
         self.cfg = cfg or load_config()
         if self.cfg.runtime.torch_threads:
             torch.set_num_threads(self.cfg.runtime.torch_threads)
         self.device = resolve_device(self.cfg.runtime.device)
         self.dtype = getattr(torch, self.cfg.runtime.dtype)
         t0 = time.perf_counter()
-        local_cfg = self.startup_check(self.cfg)
+        local_cfg = self.fetch_and_verify_weights(self.cfg)
         self.video = build_video(local_cfg, self.device, self.dtype)
-        self.decoder = build_stitched_decoder(local_cfg, self.video, self.device)
+        self.decoder = build_stitched_decoder(local_cfg, self.video.vae, self.device, decode_frames=self.video.decode)
         self.load_seconds = time.perf_counter() - t0
         self.fingerprint = fingerprint(self.cfg.model.model_dump())
 
     @staticmethod
-    def startup_check(cfg: Config) -> Config:
-        """Refuse, before loading anything, what cannot work: no Gaussian head, or weights that are
-        missing or do not fit (WeightsError / FileNotFoundError whose message says what is missing,
-        where it looked and how to fetch it). Returns the config with remote weights made local."""
-        from vist3a.weights import prepare_weights
-
+    def fetch_and_verify_weights(cfg: Config) -> Config:
+        """Download (s3://, hub ids) and verify every weight `cfg` loads, refusing before anything is
+        loaded what cannot work: no Gaussian head, or weights that are missing or do not fit
+        (WeightsError / FileNotFoundError whose message says what is missing, where it looked and how
+        to fetch it). Returns the config with remote weights made local."""
         if "gaussians" not in cfg.model.recon.heads:
             raise ValueError(f"preset {cfg.preset!r} builds no Gaussian head (model.recon.heads = "
                              f"{list(cfg.model.recon.heads)}), so it cannot produce splat scenes; "
@@ -116,7 +116,7 @@ class SceneGenerator:
         t0 = time.perf_counter()
         latents = self.video.sample(
             prompts, seeds, steps=steps or s.steps, guidance=s.guidance if guidance is None else guidance,
-            shift=s.shift, frames=s.frames, height=s.height, width=s.width, negative_prompts=negative_prompts,
+            shift=s.shift, frames=s.frames, height=s.height, width=s.width, negative_prompt=negative_prompts,
         )
         t1 = time.perf_counter()
         o = self.cfg.splats
@@ -169,8 +169,6 @@ def scene_files(scene: Scene, meta: dict, ply_sh_degree: int = 3) -> dict[str, b
 def generate_scene(prompt: str, out: str | None = None, config: Config | str | None = None, seed: int | None = None,
                    generator: SceneGenerator | None = None) -> Scene:
     """Generate one scene; with `out` (a directory path or s3:// prefix) also write its files there."""
-    from vist3a.io import join, write_bytes
-
     if generator is None:
         cfg = config if isinstance(config, Config) else load_config(config)
         generator = SceneGenerator(cfg)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 SEED_BITS = 31  # fits int32 and every torch.Generator
 
@@ -22,3 +24,14 @@ def seed_from(text: str) -> int:
 def fingerprint(obj) -> str:
     """Short SHA-256 of a JSON-able object (e.g. the model config and weight URIs)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's global RNG seeded with `seed` inside the block (random weights that are the same on every
+    machine and worker); the caller's RNG stream is left as it was."""
+    import torch  # here: ids and seeds are also used where torch is not loaded (prompt reading)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

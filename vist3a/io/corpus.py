@@ -27,6 +27,7 @@ import io
 import json
 import os
 import tempfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -37,6 +38,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from vist3a.io.frames import resize_frames
 from vist3a.io.uri import filesystem, is_s3, join, read_text, write_text
 
 FORMAT = "vist3a-clips/1"
@@ -147,6 +149,27 @@ class ClipRecord:
                    intrinsics=shaped(row.get("intrinsics"), (3, 3)), extrinsics=shaped(row.get("extrinsics"), (4, 4)),
                    depth=None if row.get("depth") is None else list(row["depth"]), caption=row.get("caption"),
                    source=row.get("source") or "")
+
+
+# ----------------------------------------------------------------------------- the views a model sees
+
+
+def select_views(num_frames: int, views: int, rng: np.random.Generator) -> list[int]:
+    """The paper's sampling: a random window of up to 4*views frames, its first frame plus views-1 others, sorted."""
+    if num_frames < views:
+        raise ValueError(f"clip has {num_frames} frames, fewer than the {views} views asked for")
+    window = min(num_frames, 4 * views)
+    start = int(rng.integers(0, num_frames - window + 1))
+    rest = rng.choice(np.arange(start + 1, start + window), size=views - 1, replace=False)
+    return [start] + sorted(int(i) for i in rest)
+
+
+def clip_views(clip: ClipRecord, views: int, size: int, seed: int = 0, step: int = 0) -> torch.Tensor:
+    """A corpus clip's `views` frames (select_views, seeded by the clip id, `seed` and `step`), decoded
+    and centre-cropped/resized to size x size: [views, 3, size, size] in [0, 1]."""
+    rng = np.random.default_rng([seed, zlib.crc32(str(clip.id).encode()), step])
+    idx = select_views(clip.num_frames, views, rng)
+    return resize_frames(clip.frames_tensor(idx)[None], size)[0]
 
 
 # ----------------------------------------------------------------------------- writing

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -86,7 +87,8 @@ class ReconNet(nn.Module):
     def cut_points(self) -> list[str]:
         return [f"blocks.{i}" for i in range(self.cfg.encoder_depth)]
 
-    def _cut_index(self, cut: str) -> int:
+    def cut_index(self, cut: str) -> int:
+        """"blocks.N" -> N, refusing names that are not cut points of this network."""
         if cut not in self.cut_points():
             raise ValueError(f"unknown cut point {cut!r}; choose from blocks.0..blocks.{self.cfg.encoder_depth - 1}")
         return int(cut.split(".")[1])
@@ -114,13 +116,29 @@ class ReconNet(nn.Module):
 
         return_specials=True also returns that block's [B,S,1+R,C] cls/register tokens, with
         which forward_from reproduces forward exactly."""
-        n = self._cut_index(cut)
+        x = self._encoder_tokens([cut], images)[cut]
+        special = self.aggregator.patch_embed.num_special
+        acts = x[:, :, special:]
+        return (acts, x[:, :, :special]) if return_specials else acts
+
+    def activations_at(self, cuts: Sequence[str], images: Tensor) -> dict[str, Tensor]:
+        """{cut: patch tokens [B,S,P,C]} after each of several encoder blocks, from one pass that stops
+        at the deepest (what the layer search fits, each value equal to `activations(cut, images)`)."""
+        special = self.aggregator.patch_embed.num_special
+        return {cut: x[:, :, special:] for cut, x in self._encoder_tokens(cuts, images).items()}
+
+    def _encoder_tokens(self, cuts: Sequence[str], images: Tensor) -> dict[str, Tensor]:
+        """{cut: every token [B,S,1+R+P,C] after that block}, running the encoder once up to the deepest."""
+        stops = {cut: self.cut_index(cut) + 1 for cut in cuts}
         images = self._like_weights(images)
         encoder = self.aggregator.patch_embed
-        x = encoder.run_blocks(encoder.embed(self.aggregator.normalize(images)), 0, n + 1)
-        x = x.unflatten(0, images.shape[:2])
-        acts = x[:, :, encoder.num_special:]
-        return (acts, x[:, :, :encoder.num_special]) if return_specials else acts
+        x = encoder.embed(self.aggregator.normalize(images))
+        out, done = {}, 0
+        for cut in sorted(stops, key=stops.get):
+            x = encoder.run_blocks(x, done, stops[cut])
+            done = stops[cut]
+            out[cut] = x.unflatten(0, images.shape[:2])
+        return {cut: out[cut] for cut in cuts}
 
     def forward_from(self, cut: str, acts: Tensor, images: Tensor | None = None,
                      specials: Tensor | None = None) -> ReconOutput:
@@ -131,7 +149,7 @@ class ReconNet(nn.Module):
         `specials` (from activations(..., return_specials=True)) are given. Only the Gaussian head
         needs `images`; without them gaussian_params is None.
         """
-        n = self._cut_index(cut)
+        n = self.cut_index(cut)
         acts, images, specials = (self._like_weights(t) for t in (acts, images, specials))
         encoder = self.aggregator.patch_embed
         b, s, p, c = acts.shape

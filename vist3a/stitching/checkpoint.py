@@ -71,15 +71,12 @@ def load_stitch_checkpoint(decoder, uri: str, storage=None, merge: bool = True) 
 
     LoRA adapters, when present, are injected into `decoder.recon` and (merge=True) folded into its
     weights, which leaves a plain network as fast as the original."""
-    from vist3a.stitching.lora import add_lora, load_lora_state, merge_lora
+    from vist3a.lora import apply_lora
 
     payload = read_stitch_checkpoint(uri, storage)
     check_compatible(payload, decoder.stitch, decoder.cut, source=uri)
     device = next(decoder.stitch.parameters()).device
     decoder.stitch.load_state_dict({k: v.to(device) for k, v in payload["stitch"].items()})
     if payload.get("lora"):
-        add_lora(decoder.recon, payload["lora_config"])
-        load_lora_state(decoder.recon, payload["lora"])
-        if merge:
-            merge_lora(decoder.recon)
+        apply_lora(decoder.recon, payload["lora_config"], payload["lora"], merge)
     return payload.get("meta", {})

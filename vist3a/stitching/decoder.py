@@ -2,6 +2,7 @@
 
 This is the "3D VAE decoder" of VIST3A. The Gaussian head also looks at RGB frames; at inference
 they come from the video VAE's own decoder (`decode_frames`), resized to the network's input size.
+`vist3a.models.build_stitched_decoder` builds it from a Config.
 """
 
 from __future__ import annotations
@@ -10,22 +11,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from vist3a.io.frames import resize_frames
 from vist3a.splats.gaussians import Cameras, Gaussians
 from vist3a.stitching.layer import StitchingLayer, frames_from_latent_frames, upsample_time
-
-
-def resize_frames(frames: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, T, 3, H, W) -> (B, T, 3, size, size): centre crop to a square, then resize (antialiased)."""
-    b, t, c, h, w = frames.shape
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    x = frames[..., top:top + s, left:left + s].reshape(b * t, c, s, s)
-    if s != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=s > size)
-    return x.reshape(b, t, c, size, size).clamp(0, 1)
+from vist3a.video.latents import denormalize
 
 
 @dataclass
@@ -80,7 +71,7 @@ class StitchedDecoder(nn.Module):
 
     def tokens(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised video latents (B, 16, T', h, w) -> the network's tokens at the cut, (B, T, P, C)."""
-        raw = latents.float() * self.latents_std + self.latents_mean
+        raw = denormalize(latents.float(), self.latents_mean, self.latents_std)
         return StitchingLayer.to_tokens(self.stitch(upsample_time(raw)))
 
     def forward(self, latents: torch.Tensor, frames: torch.Tensor | None = None, voxel_size: float | None = None,

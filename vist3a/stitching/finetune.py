@@ -1,7 +1,7 @@
 """Stitched fine-tuning: make the stitched network predict what the original predicts from RGB.
 
 Student: video latents -> stitching layer -> the reconstruction network after the cut, with LoRA
-adapters on every Linear/Conv2d there (`vist3a.stitching.lora`); the stitching layer is trained too.
+adapters on every Linear/Conv2d there (`vist3a.lora`); the stitching layer is trained too.
 Teacher: the same network with its adapters switched off (its frozen base weights are exactly the
 original network), run on the frames the latents were encoded from. Losses (`distillation_losses`):
 L1 to the teacher's depth (+ multi-scale depth gradients and confidence), points, pose encodings
@@ -26,12 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vist3a.config import StitchJobConfig
+from vist3a.io.frames import resize_frames
+from vist3a.lora import adapters_disabled, add_lora, load_lora_state, lora_config_dict, lora_state
 from vist3a.recon import to_gaussians
 from vist3a.splats.gaussians import Cameras, Gaussians
 from vist3a.splats.render import render
+from vist3a.splats.stride import nth_pixel_gaussians, strided_cameras
 from vist3a.stitching.checkpoint import check_compatible, stitch_checkpoint
-from vist3a.stitching.decoder import StitchedDecoder, resize_frames
-from vist3a.stitching.lora import adapters_disabled, add_lora, load_lora_state, lora_config_dict, lora_state
+from vist3a.stitching.decoder import StitchedDecoder
 
 
 class StitchedStudent(nn.Module):
@@ -69,21 +72,14 @@ def depth_gradient_l1(student: Tensor, teacher: Tensor, scales: int = 3) -> Tens
     return total / max(used, 1)
 
 
-def every_nth_pixel(views: int, height: int, width: int, stride: int) -> Tensor:
-    """Indices of the pixel-aligned Gaussians (ordered view, row, column) of every stride-th row and column."""
-    rows, cols = torch.arange(0, height, stride), torch.arange(0, width, stride)
-    return ((torch.arange(views)[:, None, None] * height + rows[None, :, None]) * width + cols[None, None, :]).flatten()
-
-
 def render_l1(gaussians: Gaussians, viewmats: Tensor, intrinsics: Tensor, targets: Tensor, stride: int = 1) -> Tensor:
     """L1 between renders at cameras (viewmats [V,4,4], pixel intrinsics [V,3,3] at the targets' size) and
     targets [V,3,H,W]. stride n renders at 1/n resolution against n x n averaged targets (give it the
-    Gaussians of every n-th pixel, `every_nth_pixel`): n^3 less work, for CPU runs."""
-    k = intrinsics.clone()
-    k[..., :2, :] /= stride  # continuous pixel coordinates scale by 1/n
+    Gaussians of every n-th pixel, `vist3a.splats.stride`): n^3 less work, for CPU runs."""
+    cams = Cameras(viewmats=viewmats, Ks=intrinsics, width=targets.shape[-1], height=targets.shape[-2])
     if stride > 1:
         targets = F.avg_pool2d(targets, stride)
-    cams = Cameras(viewmats=viewmats, Ks=k, width=targets.shape[-1], height=targets.shape[-2])
+    cams = strided_cameras(cams, stride, width=targets.shape[-1], height=targets.shape[-2])
     return (render(gaussians, cams).colors.permute(0, 3, 1, 2) - targets).abs().mean()
 
 
@@ -92,13 +88,11 @@ def render_loss(scenes: list[Gaussians], teacher, images: Tensor, views: int, st
     """The student's pixel-aligned Gaussians (one entry per clip) rendered at `views` teacher cameras,
     drawn with one seed per clip, against those input frames [B,S,3,H,W]."""
     b, s, _, h, w = images.shape
-    keep = every_nth_pixel(s, h, w, stride)
     losses = []
     for i, scene in enumerate(scenes):
         pick = torch.randperm(s, generator=torch.Generator().manual_seed(int(seeds[i])))[:views].tolist()
-        subset = scene.select(keep.to(scene.device)) if stride > 1 else scene
-        losses.append(render_l1(subset, teacher.extrinsics[i, pick].detach(), teacher.intrinsics[i, pick].detach(),
-                                images[i, pick], stride))
+        losses.append(render_l1(nth_pixel_gaussians(scene, s, h, w, stride), teacher.extrinsics[i, pick].detach(),
+                                teacher.intrinsics[i, pick].detach(), images[i, pick], stride))
     return torch.stack(losses).mean()
 
 
@@ -155,21 +149,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> 
 # ----------------------------------------------------------------------------- the trainer
 
 
-def build_decoder(cfg, vae, device: torch.device | str = "cpu", recon: nn.Module | None = None) -> StitchedDecoder:
-    """The stitched decoder a Config names (random stitching layer from model.stitch.seed), on `device`.
-    `recon` overrides the network built from model.recon (e.g. one trained in-process)."""
-    from vist3a.models import build_recon
-    from vist3a.stitching.layer import StitchingLayer
-
-    sc = cfg.model.stitch
-    recon = build_recon(cfg, device) if recon is None else recon.to(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(sc.seed)
-        stitch = StitchingLayer(sc.spec, in_channels=vae.config.z_dim)
-    return StitchedDecoder(stitch, recon, sc.cut, torch.tensor(vae.config.latents_mean),
-                           torch.tensor(vae.config.latents_std)).to(device)
-
-
 @dataclass
 class StitchFinetuner:
     """Owns the student (stitching layer + LoRA), the optimiser, the schedule and the step counter.
@@ -179,7 +158,7 @@ class StitchFinetuner:
 
     decoder: StitchedDecoder
     vae: nn.Module
-    job: object  # StitchJobConfig
+    job: StitchJobConfig
     vae_size: int
     device: torch.device = torch.device("cpu")
     step: int = 0
@@ -192,9 +171,7 @@ class StitchFinetuner:
         recon.eval()  # no dropout anywhere; eval also keeps teacher and student deterministic
         self.decoder.requires_grad_(False)
         self.lora_config = lora_config_dict(recon, self.decoder.cut, job.lora_rank, job.lora_alpha, job.lora_conv)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(job.seed)  # the same adapter init on every worker
-            add_lora(recon, self.lora_config)
+        add_lora(recon, self.lora_config, seed=job.seed)  # the same adapter init on every worker
         recon.to(self.device)
         self.decoder.stitch.requires_grad_(True)
         self.student = StitchedStudent(self.decoder)

@@ -24,16 +24,14 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vist3a.stitching.decoder import resize_frames
+from vist3a.io.frames import resize_frames
 from vist3a.stitching.layer import upsample_time
 from vist3a.stitching.spec import StitchSpec
 
@@ -220,70 +218,14 @@ def is_heldout(clip_id: str, fraction: float) -> bool:
     return (zlib.crc32(str(clip_id).encode()) % 100_000) / 100_000 < fraction
 
 
-def select_views(num_frames: int, views: int, rng: np.random.Generator) -> list[int]:
-    """The paper's sampling: a random window of up to 4*views frames, its first frame plus views-1 others, sorted."""
-    if num_frames < views:
-        raise ValueError(f"clip has {num_frames} frames, fewer than the {views} views asked for")
-    window = min(num_frames, 4 * views)
-    start = int(rng.integers(0, num_frames - window + 1))
-    rest = rng.choice(np.arange(start + 1, start + window), size=views - 1, replace=False)
-    return [start] + sorted(int(i) for i in rest)
-
-
-def clip_views(clip, views: int, size: int, seed: int = 0, step: int = 0) -> Tensor:
-    """A corpus clip's `views` frames (select_views, seeded by the clip id, `seed` and `step`), decoded
-    and centre-cropped/resized to size x size: [views, 3, size, size] in [0, 1]."""
-    rng = np.random.default_rng([seed, zlib.crc32(str(clip.id).encode()), step])
-    idx = select_views(clip.num_frames, views, rng)
-    return resize_frames(clip.frames_tensor(idx)[None], size)[0]
-
-
-def block_index(recon, cut: str) -> int:
-    """"blocks.N" -> N, refusing names that are not cut points of `recon`."""
-    if cut not in recon.cut_points():
-        raise ValueError(f"unknown cut point {cut!r}; the network has {recon.cut_points()}")
-    return int(cut.split(".")[1])
-
-
-@contextmanager
-def record_block_outputs(recon, names: Sequence[str]) -> Iterator[dict[str, Tensor]]:
-    """Forward hooks on the encoder blocks named "blocks.N": each call fills {name: [B*S, 1+R+P, C]}."""
-    blocks = recon.aggregator.patch_embed.blocks
-    store: dict[str, Tensor] = {}
-    handles = []
-    for name in names:
-        block = blocks[block_index(recon, name)]
-        handles.append(block.register_forward_hook(lambda _m, _i, out, name=name: store.__setitem__(name, out)))
-    try:
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def recon_features(recon, names: Sequence[str]) -> Callable[[Tensor], dict[str, Tensor]]:
-    """images [B,S,3,H,W] -> {cut: patch tokens [B,S,P,C]} for every cut, in one forward pass that stops
-    at the deepest one (hooks on the blocks; the values equal `recon.activations(cut, images)`)."""
-    names = list(names)
-    deepest = max(names, key=lambda n: block_index(recon, n))
-    special = recon.aggregator.patch_embed.num_special
-
-    def features(images: Tensor) -> dict[str, Tensor]:
-        with record_block_outputs(recon, names) as store:
-            recon.activations(deepest, images)
-        b, s = images.shape[:2]
-        return {n: store[n][:, special:].unflatten(0, (b, s)) for n in names}
-
-    return features
-
-
 @dataclass
 class LayerSearch:
     """Accumulates the normal equations of every candidate layer from batches of clips.
 
     `encode(frames)` gives *raw* (de-normalised) VAE latents [B,16,T',h,w] from frames at `vae_size`;
     `features(images)` gives {layer: [B,S,P,C]} from frames at `image_size`. Both are plain callables so
-    that tests can plant a known layer; `for_models` wires the real VAE and ReconNet."""
+    that tests can plant a known layer; `for_models` wires the real VAE and ReconNet (every candidate's
+    tokens from one `ReconNet.activations_at` pass)."""
 
     encode: Callable[[Tensor], Tensor]
     features: Callable[[Tensor], dict[str, Tensor]]
@@ -316,7 +258,7 @@ class LayerSearch:
         if spec.out_channels != dim:
             raise ValueError(f"stitch spec has {spec.out_channels} output channels; the network's tokens have {dim}")
         return cls(encode=lambda frames: denormalize_latents(vae, encode_frames(vae, frames)),
-                   features=recon_features(recon, names), channels={n: dim for n in names}, spec=spec,
+                   features=lambda images: recon.activations_at(names, images), channels={n: dim for n in names}, spec=spec,
                    in_channels=vae.config.z_dim, vae_size=vae_size, image_size=recon.cfg.img_size,
                    device=torch.device(device))
 

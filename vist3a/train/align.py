@@ -12,7 +12,7 @@ One step (`AlignTrainer.train_step`):
 All randomness of a step (denoising steps, CFG scale, grad steps, noise seeds, templates, views,
 flow-matching noise) is drawn from (seed, step, rank), so a run restarted from a checkpoint takes
 exactly the steps the lost one would have. Checkpoint directories hold lora/, lora_ema/ (adapter
-directories the generator loads with model.video.lora), optimizer.pt and meta.json.
+directories, `vist3a.lora`, that the generator loads with model.video.lora), optimizer.pt and meta.json.
 
 Pure PyTorch: `pipelines.align` runs it under Ray Train.
 """
@@ -26,85 +26,22 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vist3a.io import join, read_bytes, read_text, write_bytes, write_text
+from vist3a.config import AlignJobConfig, Config
+from vist3a.io import join, write_text
+from vist3a.lora import LORA_KEYS, add_video_lora, load_lora_state, lora_state, read_lora_dir, save_lora_dir, video_lora_config
 from vist3a.splats.gaussians import Cameras, Gaussians
 from vist3a.splats.render import render
-from vist3a.stitching.lora import add_lora, load_lora_state, lora_state, merge_lora
+from vist3a.splats.stride import nth_pixel_gaussians, strided_cameras
 
-LORA_FORMAT = "vist3a-video-lora/1"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "bias", "target_modules")
-
-
-# ----------------------------------------------------------------------------- LoRA directories
-
-
-def video_lora_config(job) -> dict:
-    """The LoraConfig arguments of an AlignJobConfig, as plain data that adapter directories carry."""
-    return {"r": int(job.lora_rank), "lora_alpha": float(job.lora_alpha), "lora_dropout": 0.0, "bias": "none",
-            "target_modules": list(job.lora_targets)}
-
-
-def add_video_lora(transformer: nn.Module, config: dict, seed: int) -> nn.Module:
-    """Inject the adapters (A seeded, so every worker starts from the same weights; B zero, so the model
-    is unchanged) and freeze every other transformer weight. The adapters are kept in float32 even on
-    a bf16/fp16 transformer (peft casts their inputs): AdamW updates of 1e-4 vanish in bf16."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        add_lora(transformer, config)
-    for name, p in transformer.named_parameters():
-        if "lora_" in name:
-            p.data = p.data.float()
-    return transformer
-
-
-def save_lora_dir(uri: str, config: dict, state: dict[str, Tensor], storage=None, meta: dict | None = None) -> None:
-    """adapter_config.json + adapter_model.safetensors (peft's file names) at a directory or s3:// prefix;
-    the weights are written first, so a reader that finds the config finds complete weights."""
-    from safetensors.torch import save
-
-    write_bytes(join(uri, ADAPTER_WEIGHTS), save({k: v.detach().cpu().contiguous() for k, v in state.items()}), storage)
-    payload = {**{k: config[k] for k in _LORA_KEYS}, "peft_type": "LORA", "format": LORA_FORMAT, "vist3a": meta or {}}
-    write_text(join(uri, ADAPTER_CONFIG), json.dumps(payload, indent=1), storage)
-
-
-def read_lora_dir(uri: str, storage=None) -> tuple[dict, dict[str, Tensor], dict]:
-    """-> (LoraConfig arguments, adapter weights, meta) of a directory written by `save_lora_dir`."""
-    from safetensors.torch import load
-
-    try:
-        payload = json.loads(read_text(join(uri, ADAPTER_CONFIG), storage))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no video LoRA at {uri} (missing {ADAPTER_CONFIG}); point model.video.lora at the "
-                                f"lora_ema/ or lora/ directory that pipelines.align wrote") from None
-    if payload.get("format") != LORA_FORMAT:
-        raise ValueError(f"{uri}: not a vist3a video LoRA ({LORA_FORMAT}), format {payload.get('format')!r}")
-    return ({k: payload[k] for k in _LORA_KEYS}, load(read_bytes(join(uri, ADAPTER_WEIGHTS), storage)),
-            payload.get("vist3a", {}))
-
-
-def load_video_lora(transformer: nn.Module, spec: str, storage=None, merge: bool = True) -> dict:
-    """Put an aligned LoRA (local directory, s3:// prefix or hub id) into the Wan transformer; with `merge`
-    fold it into the base weights (inference: no adapter cost, plain layers again). Returns its meta."""
-    from vist3a.weights.locate import require
-
-    path = require(spec, storage, what="model.video.lora")
-    config, state, meta = read_lora_dir(str(path))
-    requires_grad = {n: p.requires_grad for n, p in transformer.named_parameters()}
-    add_lora(transformer, config)
-    load_lora_state(transformer, state)
-    if merge:
-        merge_lora(transformer)
-        for n, p in transformer.named_parameters():
-            p.requires_grad_(requires_grad.get(n, False))
-    return meta
+if TYPE_CHECKING:  # vist3a.video imports diffusers
+    from vist3a.video import WanVideo
 
 
 # ----------------------------------------------------------------------------- one rollout's randomness
@@ -127,7 +64,7 @@ def step_rng(seed: int, step: int, rank: int) -> np.random.Generator:
     return np.random.default_rng([seed, step, rank])
 
 
-def plan_rollout(job, step: int, rank: int, prompts: list[str], num_views: int) -> Rollout:
+def plan_rollout(job: AlignJobConfig, step: int, rank: int, prompts: list[str], num_views: int) -> Rollout:
     rng = step_rng(job.seed, step, rank)
     steps = int(rng.integers(job.steps_min, job.steps_max + 1))
     guidance = float(rng.uniform(job.guidance_min, job.guidance_max))
@@ -154,16 +91,8 @@ def render_views(gaussians: Gaussians, cameras: Cameras, views: list[int], frame
     size = cameras.height
     if gaussians.num != frames * size * cameras.width:
         raise ValueError(f"{gaussians.num} Gaussians are not pixel-aligned to {frames} views of {size}x{cameras.width}")
-    g = gaussians
-    if stride > 1:
-        from vist3a.stitching.finetune import every_nth_pixel
-
-        g = gaussians.select(every_nth_pixel(frames, size, cameras.width, stride).to(gaussians.device))
-    cams = cameras.select(views)
-    ks = cams.Ks.clone()
-    ks[:, :2, :] = ks[:, :2, :] / stride  # continuous pixel coordinates scale by 1/n
-    cams = Cameras(cams.viewmats, ks, math.ceil(cameras.width / stride), math.ceil(size / stride))
-    out = render(g, cams, render_depth=True)
+    g = nth_pixel_gaussians(gaussians, frames, size, cameras.width, stride)
+    out = render(g, strided_cameras(cameras.select(views), stride), render_depth=True)
     return out.colors.permute(0, 3, 1, 2), out.alphas[..., 0], out.depths[..., 0]
 
 
@@ -181,14 +110,12 @@ def _pool(x: Tensor, stride: int) -> Tensor:
 class AlignTrainer:
     """Owns the LoRA on the transformer, its optimiser, its EMA and the step counter.
 
-    `video` is a VideoModel, `decoder` a StitchedDecoder (frozen), `scorer` a ClipScorer (needed when
+    `video` is a WanVideo, `decoder` a StitchedDecoder (frozen), `scorer` a ClipScorer (needed when
     the quality weight is > 0). `train_step(prompts)` is one optimisation step; `save(dir)`/`load(dir)`
     the checkpoint; `export(uri)` writes the lora/ and lora_ema/ directories the generator loads."""
 
-    def __init__(self, cfg, video, decoder: nn.Module, scorer: nn.Module | None = None,
+    def __init__(self, cfg: Config, video: WanVideo, decoder: nn.Module, scorer: nn.Module | None = None,
                  device: torch.device | str = "cpu"):
-        from vist3a.video import VideoSampler
-
         job = cfg.align
         self.cfg, self.job, self.video, self.decoder, self.scorer = cfg, job, video, decoder, scorer
         self.device = torch.device(device)
@@ -205,7 +132,8 @@ class AlignTrainer:
         self.lora_config = video_lora_config(job)
         add_video_lora(self.transformer, self.lora_config, job.seed)
         self.transformer.to(self.device).eval()  # Wan has no dropout; eval keeps every rank deterministic
-        self.sampler = VideoSampler(comps, gradient_checkpointing=job.gradient_checkpointing)
+        if job.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
         self.params = {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=job.lr, betas=tuple(job.betas),
                                            weight_decay=job.weight_decay)
@@ -217,14 +145,14 @@ class AlignTrainer:
     def rollout(self, prompts: list[str], plan: Rollout) -> Tensor:
         """Normalised latents [B,16,T',h,w], with gradients through the plan's grad steps."""
         s = self.cfg.sampling
-        return self.sampler.sample(plan.texts, plan.seeds, steps=plan.steps, guidance=plan.guidance, shift=self.job.shift,
+        return self.video.sample(plan.texts, plan.seeds, steps=plan.steps, guidance=plan.guidance, shift=self.job.shift,
                                    frames=s.frames, height=s.height, width=s.width, negative_prompt=s.negative_prompt,
                                    grad_steps=plan.grad_steps)
 
     def rewards(self, latents: Tensor, prompts: list[str], views: list[list[int]]) -> dict[str, Tensor]:
         """Every reward term the weights switch on (plus its parts), [B] each, differentiable in `latents`."""
         job, w = self.job, self.weights
-        frames = self.sampler.decode(latents, checkpointed=True)
+        frames = self.video.decode(latents, checkpointed=True)
         scenes = self.decoder(latents, frames=frames)
         stride, b = job.render_stride, latents.shape[0]
         num_frames = scenes.depth.shape[1]
@@ -270,13 +198,13 @@ class AlignTrainer:
     def diffusion_loss(self, frames: Tensor, captions: list[str], noise_seed: int) -> Tensor:
         """Plain flow-matching loss on clips [B,T,3,H,W] in [0,1]: sigma ~ U(0,1), z = (1-sigma) z0 + sigma eps,
         the transformer predicts eps - z0 (MSE). Keeps the video prior while the rewards pull on it."""
-        from vist3a.video import encode_frames, encode_prompts
+        from vist3a.video import encode_frames
 
         comps = self.video.components
         gen = torch.Generator().manual_seed(noise_seed)
         with torch.no_grad():
             z0 = encode_frames(comps.vae, frames.to(self.device, torch.float32))
-            context, _ = encode_prompts(comps, captions)
+            context = self.video.encode_prompt(captions)
         sigma = torch.rand(z0.shape[0], generator=gen).to(self.device)
         eps = torch.randn(z0.shape, generator=gen).to(self.device)
         s = sigma.view(-1, 1, 1, 1, 1)
@@ -377,7 +305,7 @@ class AlignTrainer:
         with open(os.path.join(directory, "meta.json")) as f:
             meta = json.load(f)
         config, current, _ = read_lora_dir(os.path.join(directory, "lora"))
-        if config != {k: self.lora_config[k] for k in _LORA_KEYS}:
+        if config != {k: self.lora_config[k] for k in LORA_KEYS}:
             raise ValueError(f"checkpoint {directory} has LoRA {config}, the job asks for {self.lora_config}")
         _, ema, _ = read_lora_dir(os.path.join(directory, "lora_ema"))
         load_lora_state(self.transformer, ema)
@@ -448,7 +376,7 @@ def check_replicas_in_sync(params: list[Tensor], world: int) -> None:
         raise RuntimeError(f"LoRA replicas out of sync across ranks: parameter sums {values}")
 
 
-def draw_prompts(prompts: list[str], job, step: int, rank: int) -> list[str]:
+def draw_prompts(prompts: list[str], job: AlignJobConfig, step: int, rank: int) -> list[str]:
     """The `batch_size` prompts rank `rank` trains on at `step`, drawn from its share by (seed, step, rank)."""
     rng = np.random.default_rng([job.seed, step, rank, 0])
     picks = rng.choice(len(prompts), size=job.batch_size, replace=len(prompts) < job.batch_size)

@@ -1,14 +1,14 @@
-"""The Wan text-to-video side: components, prompt encoding, our sampling loop, VAE decode.
+"""The Wan text-to-video side: components, the latent convention, prompts, and `WanVideo` (sample, decode).
 
 Imports are lazy: prompt checks (`load_tokenizer`, `check_prompt`) need only transformers, and
 validation stages should not pay for importing diffusers.
 """
 
 _EXPORTS = {
-    "vist3a.video.components": ["WanComponents", "build_wan", "save_wan", "normalize_latents", "denormalize_latents",
-                                "decode_latents", "encode_frames"],
-    "vist3a.video.sampler": ["VideoSampler", "initial_noise", "latent_shape", "make_scheduler"],
-    "vist3a.video.text": ["check_prompt", "clean_prompt", "count_tokens", "encode_prompts", "load_tokenizer"],
+    "vist3a.video.components": ["WanComponents", "build_wan", "save_wan", "decode_latents", "encode_frames"],
+    "vist3a.video.latents": ["denormalize", "denormalize_latents", "latent_stats", "normalize_latents"],
+    "vist3a.video.pipeline": ["WanVideo", "encode_prompts", "initial_noise", "latent_shape", "make_scheduler"],
+    "vist3a.video.text": ["check_prompt", "clean_prompt", "count_tokens", "load_tokenizer", "video_weights_root"],
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -1,9 +1,6 @@
 """The Wan 2.1 text-to-video parts (diffusers/transformers classes), built from seeded random
-weights or loaded from a diffusers-format directory, plus the VAE latent conventions.
-
-Latent convention (as diffusers' WanPipeline): the transformer works on *normalised* latents
-z_norm = (z - latents_mean) / latents_std, where z is the VAE posterior latent; the VAE decodes
-z = z_norm * latents_std + latents_mean (the pipeline writes this as `z / (1/std) + mean`).
+weights or loaded from a diffusers-format directory, and the VAE's encode/decode of frames
+(the latent convention is `vist3a.video.latents`).
 """
 
 from __future__ import annotations
@@ -19,7 +16,9 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
 from vist3a.config import VideoModelConfig
-from vist3a.video.text import _weights_root, load_tokenizer  # noqa: F401 - re-exported
+from vist3a.ids import seeded
+from vist3a.video.latents import denormalize_latents, normalize_latents
+from vist3a.video.text import load_tokenizer, video_weights_root
 
 SUBFOLDERS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 #: Wan 2.1's released scheduler: UniPC on flow sigmas; the sampler overrides flow_shift per call.
@@ -55,14 +54,12 @@ def _random_components(cfg: VideoModelConfig) -> WanComponents:
     if len(tokenizer) > cfg.text_encoder.vocab_size:
         raise ValueError(f"model.video.text_encoder.vocab_size {cfg.text_encoder.vocab_size} is below the "
                          f"ByT5 tokenizer's {len(tokenizer)} ids")
-    # One seed per part, so that resizing one part leaves the others' weights unchanged;
-    # fork_rng keeps the caller's global RNG stream untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+    # One seed per part, so that resizing one part leaves the others' weights unchanged.
+    with seeded(cfg.seed):
         text_encoder = _random_text_encoder(cfg)
-        torch.manual_seed(cfg.seed + 1)
+    with seeded(cfg.seed + 1):
         transformer = WanTransformer3DModel(**cfg.transformer.model_dump())
-        torch.manual_seed(cfg.seed + 2)
+    with seeded(cfg.seed + 2):
         v = cfg.vae
         vae = AutoencoderKLWan(base_dim=v.base_dim, z_dim=v.z_dim, dim_mult=list(v.dim_mult),
                                num_res_blocks=v.num_res_blocks, temperal_downsample=list(v.temperal_downsample))
@@ -72,7 +69,7 @@ def _random_components(cfg: VideoModelConfig) -> WanComponents:
 
 
 def _pretrained_components(cfg: VideoModelConfig, dtype: torch.dtype, vae_dtype: torch.dtype) -> WanComponents:
-    root = _weights_root(cfg)
+    root = video_weights_root(cfg)
     for sub in SUBFOLDERS:
         if not (root / sub).is_dir():
             raise FileNotFoundError(f"video weights at {root}: missing subfolder {sub!r} (looked for {root / sub})")
@@ -129,25 +126,6 @@ def save_wan(components: WanComponents, directory: str | Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- latents
-
-
-def _latent_stats(vae: AutoencoderKLWan, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean, device=ref.device, dtype=ref.dtype).view(shape)
-    std = torch.tensor(vae.config.latents_std, device=ref.device, dtype=ref.dtype).view(shape)
-    return mean, std
-
-
-def normalize_latents(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
-    """VAE latent [B,C,T,H,W] -> the normalised latent the transformer sees."""
-    mean, std = _latent_stats(vae, z)
-    return (z - mean) / std
-
-
-def denormalize_latents(vae: AutoencoderKLWan, z_norm: torch.Tensor) -> torch.Tensor:
-    """Normalised latent -> VAE latent (what `vae.decode` takes)."""
-    mean, std = _latent_stats(vae, z_norm)
-    return z_norm * std + mean
 
 
 def decode_latents(vae: AutoencoderKLWan, latents: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:

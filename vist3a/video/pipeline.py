@@ -1,5 +1,7 @@
-"""Our own Wan sampling loop: per-item seeded noise, batched classifier-free guidance, and
-gradients through chosen denoising steps only (for reward fine-tuning of the transformer)."""
+"""The Wan video model as one object, read like diffusers' `WanPipeline.__call__`: `WanVideo` owns the
+components and offers check_prompt / sample / decode. Our own sampling loop: per-item seeded noise,
+batched classifier-free guidance, and gradients through chosen denoising steps only (for reward
+fine-tuning of the transformer)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from vist3a.video.components import WanComponents, decode_latents
-from vist3a.video.text import encode_prompts
+from vist3a.video.text import check_prompt, clean_prompt
 
 SchedulerKind = Literal["unipc", "euler"]
 
@@ -54,11 +56,40 @@ def _grad_step_set(grad_steps: Iterable[int] | None, steps: int) -> set[int]:
     return out
 
 
-class VideoSampler:
-    """Samples normalised Wan latents [B,16,T',H/8,W/8] from prompts.
+@torch.no_grad()
+def encode_prompts(components: WanComponents, prompts: list[str], max_length: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (embeds [B,L,D] in the transformer's dtype, mask [B,L] bool), L = max_length.
 
-    `gradient_checkpointing` switches it on in the (shared) transformer; it only acts where
-    grad is enabled, i.e. at the grad steps."""
+    Wan conditions its transformer on UMT5 hidden states padded to a fixed length with zeros after
+    each prompt's last token (its cross-attention takes no mask, so the fixed length also keeps each
+    item independent of the rest of the batch). Empty prompts are allowed here (the usual negative
+    prompt); over-long ones raise, since silently truncating would generate something other than
+    what was asked."""
+    max_length = max_length or components.max_length
+    texts = [clean_prompt(p) for p in prompts]
+    tok = components.tokenizer(texts, padding="max_length", max_length=max_length, truncation=False,
+                               add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    ids, mask = tok["input_ids"], tok["attention_mask"]
+    if ids.shape[1] > max_length:
+        lengths = mask.sum(1).tolist()
+        bad = [(i, n) for i, n in enumerate(lengths) if n > max_length]
+        raise ValueError(f"prompts over the limit of {max_length} tokens (index, tokens): {bad}")
+    te = components.text_encoder
+    ids, mask = ids.to(te.device), mask.to(te.device)
+    hidden = te(input_ids=ids, attention_mask=mask).last_hidden_state
+    mask = mask.bool()
+    hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
+    return hidden.to(components.transformer.dtype), mask
+
+
+class WanVideo:
+    """The Wan components (tokenizer, text encoder, transformer, VAE, scheduler template) and what
+    generation and alignment do with them: refuse a prompt, sample normalised latents
+    [B,16,T',H/8,W/8], decode them to frames. `vist3a.models.build_video` builds one from a Config.
+
+    `gradient_checkpointing` switches it on in the transformer; it only acts where grad is enabled,
+    i.e. at the grad steps."""
 
     def __init__(self, components: WanComponents, scheduler: SchedulerKind = "unipc",
                  gradient_checkpointing: bool = False):
@@ -66,6 +97,30 @@ class VideoSampler:
         self.scheduler_kind = scheduler
         if gradient_checkpointing:
             components.transformer.enable_gradient_checkpointing()
+
+    @property
+    def vae(self):
+        return self.components.vae
+
+    @property
+    def transformer(self):
+        return self.components.transformer
+
+    def check_prompt(self, prompt: object) -> str | None:
+        """Why `prompt` cannot be generated (None when it can): the token limit, before any GPU time."""
+        return check_prompt(self.components.tokenizer, prompt, self.components.max_length)
+
+    def encode_prompt(self, prompts: list[str], negative_prompts: list[str] | None = None) -> torch.Tensor:
+        """The transformer's context [B,L,D]; with negative prompts (CFG) theirs follow: [2B,L,D]."""
+        c = self.components
+        context, _ = encode_prompts(c, prompts)
+        if negative_prompts is None:
+            return context
+        if len(set(negative_prompts)) == 1:  # the usual case: one negative prompt, encoded once
+            neg = encode_prompts(c, negative_prompts[:1])[0].expand(len(prompts), -1, -1)
+        else:
+            neg = encode_prompts(c, negative_prompts)[0]
+        return torch.cat([context, neg])
 
     def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float, shift: float,
                frames: int, height: int, width: int, negative_prompt: str | list[str] = "",
@@ -77,32 +132,33 @@ class VideoSampler:
         updates always keep grad, so each chosen step's gradient reaches the output through the
         solver's latent path (and not back through earlier transformer calls)."""
         c = self.components
+        device, tdtype = c.transformer.device, c.transformer.dtype
+
+        # 1. check inputs
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         shape = latent_shape(c, frames, height, width)
         grad_set = _grad_step_set(grad_steps, steps)
-        device, tdtype = c.transformer.device, c.transformer.dtype
-
-        if latents is None:
-            latents = initial_noise(shape, seeds)
-        elif tuple(latents.shape) != (len(prompts), *shape):
+        if latents is not None and tuple(latents.shape) != (len(prompts), *shape):
             raise ValueError(f"latents shape {tuple(latents.shape)} != expected {(len(prompts), *shape)}")
-        x = latents.to(device=device, dtype=torch.float32)
-
         use_cfg = guidance > 1.0
-        context, _ = encode_prompts(c, prompts)
+        negs = None
         if use_cfg:
             negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
             if len(negs) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(negs)} negative prompts")
-            if len(set(negs)) == 1:
-                neg = encode_prompts(c, negs[:1])[0].expand(len(prompts), -1, -1)
-            else:
-                neg = encode_prompts(c, negs)[0]
-            context = torch.cat([context, neg])
 
+        # 2. encode prompt
+        context = self.encode_prompt(prompts, negs)
+
+        # 3. timesteps
         scheduler = make_scheduler(c.scheduler, self.scheduler_kind, shift)
         scheduler.set_timesteps(steps, device=device)
+
+        # 4. latents
+        x = (initial_noise(shape, seeds) if latents is None else latents).to(device=device, dtype=torch.float32)
+
+        # 5. denoising loop
         with torch.set_grad_enabled(bool(grad_set)):
             for i, t in enumerate(scheduler.timesteps):
                 with torch.set_grad_enabled(i in grad_set):
