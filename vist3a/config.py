@@ -1,4 +1,4 @@
-"""The one config schema for every vist3a job, YAML loading, presets and command-line overrides.
+"""The one config schema for every vist3a job, YAML loading and command-line overrides (presets: vist3a.presets).
 
 Every job (the `vist3a` CLI, `pipelines.generate`, `pipelines.serve`, ...) reads a `Config`.
 A YAML file names a `preset` (which fills in the model sections) and overrides single keys.
@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from vist3a.presets import PRESETS, preset_names  # noqa: F401 - `vist3a.config` keeps offering them
 
 
 class ConfigError(ValueError):
@@ -22,6 +24,17 @@ class ConfigError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _four_k_plus_one(v: int, info: ValidationInfo) -> int:
+    """The Wan VAE compresses time 4x: a frame count it takes is 4k+1."""
+    if (v - 1) % 4:
+        raise ValueError(f"{info.field_name} must be 4k+1 (e.g. 5, 9, 13, 49), got {v}")
+    return v
+
+
+#: a video frame count (sampling.frames, stitch_job.views)
+FrameCount = Annotated[int, AfterValidator(_four_k_plus_one)]
 
 
 # ----------------------------------------------------------------------------- video side
@@ -160,7 +173,7 @@ class SamplingConfig(Strict):
     steps: int = Field(4, ge=1, le=1000)
     guidance: float = Field(5.0, ge=0.0, le=50.0, description="classifier-free guidance scale; <= 1 disables CFG")
     shift: float = Field(5.0, gt=0.0, description="flow-matching timestep shift")
-    frames: int = Field(5, ge=1, description="video frames T; must be 4k+1 (Wan VAE 4x time compression)")
+    frames: FrameCount = Field(5, ge=1, description="video frames T; must be 4k+1 (Wan VAE 4x time compression)")
     height: int = Field(64, ge=16)
     width: int = Field(64, ge=16)
     negative_prompt: str = Field("", description="used for every prompt that brings none of its own")
@@ -173,13 +186,6 @@ class SamplingConfig(Strict):
     def _template(cls, v: str) -> str:
         if v.count("{prompt}") != 1:
             raise ValueError(f"prompt_template must contain {{prompt}} exactly once, got {v!r}")
-        return v
-
-    @field_validator("frames")
-    @classmethod
-    def _frames(cls, v: int) -> int:
-        if (v - 1) % 4:
-            raise ValueError(f"frames must be 4k+1 (e.g. 5, 9, 13, 49), got {v}")
         return v
 
     @field_validator("height", "width")
@@ -302,7 +308,7 @@ class StitchJobConfig(TrainJobConfig):
     corpus: str = Field("out/corpus", description="Parquet clip corpus (pipelines.make_corpus): directory or s3:// prefix")
     output: str = Field("out/stitch", description="search/ (table, every layer's weights, best.pt) and stitch.pt go here")
     name: str = Field("stitch-finetune", description="Ray Train run name; rerunning the same name resumes it")
-    views: int = Field(5, ge=1, description="frames per clip given to the VAE and the network; 4k+1")
+    views: FrameCount = Field(5, ge=1, description="frames per clip given to the VAE and the network; 4k+1")
     batch_size: int = Field(1, ge=1, description="clips per worker per step (search: per forward pass)")
     # layer search
     candidates: list[str] | None = Field(None, description="cut points to fit; None: every encoder block")
@@ -325,13 +331,6 @@ class StitchJobConfig(TrainJobConfig):
     @classmethod
     def _loss_terms(cls, v: dict[str, float]) -> dict[str, float]:
         return merged_weights(v, STITCH_LOSS_WEIGHTS, "loss terms")
-
-    @field_validator("views")
-    @classmethod
-    def _views(cls, v: int) -> int:
-        if (v - 1) % 4:
-            raise ValueError(f"views must be 4k+1 (the Wan VAE compresses time 4x), got {v}")
-        return v
 
 
 #: Reward fine-tuning terms and their default weights: CLIP-family quality of the rendered views, 3D
@@ -426,54 +425,6 @@ class Config(Strict):
                 f"model.video.text_encoder.d_model ({self.model.video.text_encoder.d_model})"
             )
         return self
-
-
-# ----------------------------------------------------------------------------- presets
-
-# Released architectures (shapes as published; see shared/notes/released-models.md and the
-# releases' config.json files). Weights: `vist3a weights check PRESET` says where to get them.
-_WAN_TEXT_ENCODER = {"tokenizer": "pretrained", "vocab_size": 256384, "d_model": 4096, "d_ff": 10240, "d_kv": 64,
-                     "num_layers": 24, "num_heads": 64, "max_length": 512}  # umt5-xxl encoder
-_WAN_VAE = {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
-            "temperal_downsample": [False, True, True]}
-_WAN_DIT = {"patch_size": [1, 2, 2], "attention_head_dim": 128, "in_channels": 16, "out_channels": 16,
-            "text_dim": 4096, "freq_dim": 256}
-
-
-def _wan(repo: str, heads: int, ffn: int, layers: int) -> dict[str, Any]:
-    return {"source": "pretrained", "weights": repo, "text_encoder": _WAN_TEXT_ENCODER, "vae": _WAN_VAE,
-            "transformer": {**_WAN_DIT, "num_attention_heads": heads, "ffn_dim": ffn, "num_layers": layers}}
-
-
-_WAN_1_3B = _wan("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", heads=12, ffn=8960, layers=30)
-_WAN_14B = _wan("Wan-AI/Wan2.1-T2V-14B-Diffusers", heads=40, ffn=13824, layers=40)
-_VGGT_1B_ARCH = {"source": "pretrained", "patch_size": 14, "embed_dim": 1024, "encoder_depth": 24, "encoder_heads": 16,
-                 "num_registers": 4, "mlp_ratio": 4.0, "aggregator_depth": 24, "aggregator_heads": 16,
-                 "camera_iters": 4, "camera_trunk_depth": 4, "dpt_features": 256,
-                 "dpt_out_channels": [256, 512, 1024, 1024], "dpt_layers": [4, 11, 17, 23]}
-# AnySplat as stitched in VIST3A: 512 px video (64x64 latents) -> stride-2 conv -> 32x32 tokens = 448 px.
-_ANYSPLAT = {**_VGGT_1B_ARCH, "weights": "lhjiang/anysplat", "img_size": 448, "sh_degree": 4,
-             "heads": ["camera", "depth", "gaussians"]}
-# VGGT at its native 518 px (37x37 tokens): 592 px video -> 74x74 latents -> stride-2 conv -> 37x37.
-_VGGT = {**_VGGT_1B_ARCH, "weights": "facebook/VGGT-1B", "img_size": 518, "heads": ["camera", "depth", "points"]}
-# VIST3A's stitching layer (cut after the 2nd DINO block) and inference settings (50 steps, CFG 7.5, shift 5).
-_STITCH = {"spec": "conv3d_k5x3x3_o1024_s1x2x2_p2x1x1", "cut": "blocks.1"}
-_SAMPLING = {"steps": 50, "guidance": 7.5, "shift": 5.0, "frames": 13, "height": 512, "width": 512}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # Small configs with seeded random weights: the whole path on a CPU in seconds.
-    "tiny": {},
-    "wan2.1-1.3b+anysplat": {"model": {"video": _WAN_1_3B, "recon": _ANYSPLAT, "stitch": _STITCH},
-                             "sampling": _SAMPLING, "runtime": {"dtype": "bfloat16"}},
-    "wan2.1-1.3b+vggt": {"model": {"video": _WAN_1_3B, "recon": _VGGT, "stitch": _STITCH},
-                         "sampling": {**_SAMPLING, "height": 592, "width": 592}, "runtime": {"dtype": "bfloat16"}},
-    "wan2.1-14b+anysplat": {"model": {"video": _WAN_14B, "recon": _ANYSPLAT, "stitch": _STITCH},
-                            "sampling": _SAMPLING, "runtime": {"dtype": "bfloat16"}},
-}
-
-
-def preset_names() -> list[str]:
-    return sorted(PRESETS)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

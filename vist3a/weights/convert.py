@@ -4,7 +4,7 @@ A conversion is planned on key names and shapes alone (a safetensors header or a
 .pt is enough), then applied. Every released key is mapped onto one of our parameters or ignored
 with a stated reason; every shape is checked; anything else is reported, never silently dropped.
 
-Released layouts handled (see shared/notes/released-models.md):
+Released layouts handled:
 - VGGT-1B (`facebook/VGGT-1B`, model.safetensors or model.pt): our ReconNet uses the same names.
   Ignored: `track_head.*` (point tracking) and `aggregator.patch_embed.mask_token` (DINOv2 pre-training).
 - AnySplat (`lhjiang/anysplat`, model.safetensors): VGGT names under `encoder.`, plus
