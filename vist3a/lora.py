@@ -7,7 +7,10 @@ network keeps its class and its own forward):
   the layers after it get adapters (the paper: every Linear and Conv2d of the stitched network);
   stitch checkpoints carry them (`vist3a.stitching.checkpoint`);
 - the Wan transformer (reward fine-tuning, `vist3a.train.align`): adapters on its attention
-  projections, saved as adapter directories that generation loads with `model.video.lora`.
+  projections, saved as standard peft adapter directories (what `PeftModel.save_pretrained` writes
+  and `PeftModel.from_pretrained` reads), which generation loads with `model.video.lora` — the
+  release's `vist3a_1.3b_lora_ema/` among them.
+The release's stitched decoder carries loralib-style adapters instead: `vist3a.weights.release`.
 
 A LoRA config is plain data (the LoraConfig arguments), so checkpoints and directories carry it.
 """
@@ -26,8 +29,6 @@ from vist3a.io import join, read_bytes, read_text, write_bytes, write_text
 if TYPE_CHECKING:
     from vist3a.config import AlignJobConfig, StorageConfig
 
-#: the config keys an adapter directory or stitch checkpoint carries
-LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "bias", "target_modules")
 
 
 def lora_config(rank: int, alpha: float, targets: list[str]) -> dict:
@@ -141,9 +142,11 @@ def lora_config_dict(recon: nn.Module, cut: str, rank: int, alpha: float, conv: 
 
 # ----------------------------------------------------------------------------- the video transformer
 
-LORA_FORMAT = "vist3a-video-lora/1"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_META = "vist3a_meta.json"
+#: PeftModel.save_pretrained prefixes every key with the wrapper's path to the base model
+PEFT_PREFIX = "base_model.model."
 
 
 def video_lora_config(job: AlignJobConfig) -> dict:
@@ -162,40 +165,119 @@ def add_video_lora(transformer: nn.Module, config: dict, seed: int) -> nn.Module
     return transformer
 
 
+def same_lora_config(a: dict, b: dict) -> bool:
+    """Whether two LoraConfig argument dicts describe the same adapters (target order aside)."""
+    def key(c: dict) -> tuple:
+        return (int(c["r"]), float(c["lora_alpha"]), float(c.get("lora_dropout", 0.0)), c.get("bias", "none"),
+                frozenset(c["target_modules"]))
+
+    return key(a) == key(b)
+
+
+def _peft_config_dict(config: dict) -> dict:
+    """Our LoraConfig arguments -> the adapter_config.json peft writes (every field, sets as lists)."""
+    from peft import LoraConfig
+
+    out = LoraConfig(**config).to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in out.items()}
+
+
 def save_lora_dir(uri: str, config: dict, state: dict[str, Tensor], storage: StorageConfig | None = None,
                   meta: dict | None = None) -> None:
-    """adapter_config.json + adapter_model.safetensors (peft's file names) at a directory or s3:// prefix;
-    the weights are written first, so a reader that finds the config finds complete weights."""
+    """A standard peft adapter directory (what `PeftModel.save_pretrained` writes: adapter_config.json,
+    adapter_model.safetensors with `base_model.model.<module>.lora_A.weight` keys) at a directory or
+    s3:// prefix, plus vist3a_meta.json. Weights first, config last: a reader that finds the config
+    finds complete weights."""
     from safetensors.torch import save
 
-    write_bytes(join(uri, ADAPTER_WEIGHTS), save({k: v.detach().cpu().contiguous() for k, v in state.items()}), storage)
-    payload = {**{k: config[k] for k in LORA_KEYS}, "peft_type": "LORA", "format": LORA_FORMAT, "vist3a": meta or {}}
-    write_text(join(uri, ADAPTER_CONFIG), json.dumps(payload, indent=1), storage)
+    weights = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items()}
+    write_bytes(join(uri, ADAPTER_WEIGHTS), save(weights), storage)
+    write_text(join(uri, ADAPTER_META), json.dumps(meta or {}, indent=1), storage)
+    write_text(join(uri, ADAPTER_CONFIG), json.dumps(_peft_config_dict(config), indent=1), storage)
 
 
 def read_lora_dir(uri: str, storage: StorageConfig | None = None) -> tuple[dict, dict[str, Tensor], dict]:
-    """-> (LoraConfig arguments, adapter weights, meta) of a directory written by `save_lora_dir`."""
+    """-> (LoraConfig arguments, adapter weights keyed as peft's in-place state dict, meta) of a peft
+    adapter directory: one peft's `save_pretrained` wrote (e.g. the release's vist3a_1.3b_lora_ema/) or
+    `save_lora_dir`."""
+    from dataclasses import fields
+
+    from peft import LoraConfig
     from safetensors.torch import load
 
+    where = join(uri, ADAPTER_CONFIG)
     try:
-        payload = json.loads(read_text(join(uri, ADAPTER_CONFIG), storage))
+        payload = json.loads(read_text(where, storage))
     except FileNotFoundError:
-        raise FileNotFoundError(f"no video LoRA at {uri} (missing {ADAPTER_CONFIG}); point model.video.lora at the "
-                                f"lora_ema/ or lora/ directory that pipelines.align wrote") from None
-    if payload.get("format") != LORA_FORMAT:
-        raise ValueError(f"{uri}: not a vist3a video LoRA ({LORA_FORMAT}), format {payload.get('format')!r}")
-    return ({k: payload[k] for k in LORA_KEYS}, load(read_bytes(join(uri, ADAPTER_WEIGHTS), storage)),
-            payload.get("vist3a", {}))
+        raise FileNotFoundError(f"model.video.lora: no peft adapter at {uri} (missing {ADAPTER_CONFIG}); point it at "
+                                "a directory peft's save_pretrained wrote, e.g. the release's vist3a_1.3b_lora_ema/ "
+                                "or pipelines.align's lora_ema/") from None
+    except ValueError as exc:
+        raise ValueError(f"model.video.lora: {where} is not JSON: {exc}") from None
+    if payload.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"model.video.lora: {where} is a {payload['peft_type']} adapter; only LoRA is supported")
+    if payload.get("use_dora"):
+        raise ValueError(f"model.video.lora: {where} is a DoRA adapter, which cannot be merged like LoRA")
+    known = {f.name for f in fields(LoraConfig)}
+    config = {k: v for k, v in payload.items() if k in known and k not in ("peft_type", "inference_mode")}
+    config.pop("format", None)
+    try:
+        data = read_bytes(join(uri, ADAPTER_WEIGHTS), storage)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model.video.lora: {uri} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}") from None
+    state = {k.removeprefix(PEFT_PREFIX): v for k, v in load(data).items()}
+    try:
+        meta = json.loads(read_text(join(uri, ADAPTER_META), storage))
+    except FileNotFoundError:
+        meta = payload.get("vist3a", {})
+    return config, state, meta
+
+
+def check_video_lora(transformer: nn.Module, config: dict, state: dict[str, Tensor], source: str) -> list[str]:
+    """Why an adapter does not fit `transformer` (which may live on the meta device): its target modules
+    absent, or its A/B shapes those of another model (e.g. a 14B adapter on the 1.3B transformer)."""
+    modules = dict(transformer.named_modules())
+    problems, wrong = [], []
+    layers: dict[str, dict[str, tuple]] = {}
+    for key, t in state.items():
+        layer, _, part = key.rpartition(".lora_")
+        if not part or part.split(".")[0] not in ("A", "B"):
+            problems.append(f"{source}: unexpected tensor {key} (not lora_A/lora_B)")
+            continue
+        layers.setdefault(layer, {})[part.split(".")[0]] = tuple(t.shape)
+    absent = sorted(layer for layer in layers if layer not in modules)
+    if absent:
+        problems.append(f"{source}: adapts {len(absent)} modules the Wan transformer does not have "
+                        f"({', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''}); its target_modules are "
+                        f"{config.get('target_modules')}: an adapter for another model")
+    for layer, shapes in sorted(layers.items()):
+        m = modules.get(layer)
+        if m is None or not hasattr(m, "in_features"):
+            continue
+        r = shapes.get("A", (0,))[0]
+        want = {"A": (r, m.in_features), "B": (m.out_features, r)}
+        if any(shapes.get(p) != want[p] for p in ("A", "B")):
+            wrong.append(f"{layer}: lora_A {list(shapes.get('A', ()))}, lora_B {list(shapes.get('B', ()))}; the "
+                         f"transformer's layer is {m.in_features} -> {m.out_features} (expects lora_A {list(want['A'])})")
+    if wrong:
+        problems.append(f"{source}: {len(wrong)} adapters do not fit the configured transformer (an adapter for "
+                        f"another model size?): " + "; ".join(wrong[:2]) + ("; ..." if len(wrong) > 2 else ""))
+    if not layers:
+        problems.append(f"{source}: holds no LoRA weights")
+    return problems
 
 
 def load_video_lora(transformer: nn.Module, spec: str, storage: StorageConfig | None = None,
                     merge: bool = True) -> dict:
-    """Put an aligned LoRA (local directory, s3:// prefix or hub id) into the Wan transformer; with `merge`
-    fold it into the base weights (inference: no adapter cost, plain layers again). Returns its meta."""
+    """Put a peft LoRA adapter (local directory, s3:// prefix or hub reference) into the Wan transformer;
+    with `merge` fold it into the base weights (inference: no adapter cost, plain layers again).
+    Returns its meta."""
     from vist3a.weights.locate import require
 
     path = require(spec, storage, what="model.video.lora")
     config, state, meta = read_lora_dir(str(path))
+    problems = check_video_lora(transformer, config, state, str(path))
+    if problems:
+        raise ValueError("model.video.lora does not fit: " + "\n".join(problems))
     apply_lora(transformer, config, state, merge)
     return meta
-

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from vist3a.config import AlignJobConfig, Config
 from vist3a.io import join, write_text
-from vist3a.lora import LORA_KEYS, add_video_lora, load_lora_state, lora_state, read_lora_dir, save_lora_dir, video_lora_config
+from vist3a.lora import (add_video_lora, load_lora_state, lora_state, read_lora_dir, same_lora_config, save_lora_dir,
+                         video_lora_config)
 from vist3a.splats.gaussians import Cameras, Gaussians
 from vist3a.splats.render import render
 from vist3a.splats.stride import nth_pixel_gaussians, strided_cameras
@@ -305,7 +306,7 @@ class AlignTrainer:
         with open(os.path.join(directory, "meta.json")) as f:
             meta = json.load(f)
         config, current, _ = read_lora_dir(os.path.join(directory, "lora"))
-        if config != {k: self.lora_config[k] for k in LORA_KEYS}:
+        if not same_lora_config(config, self.lora_config):
             raise ValueError(f"checkpoint {directory} has LoRA {config}, the job asks for {self.lora_config}")
         _, ema, _ = read_lora_dir(os.path.join(directory, "lora_ema"))
         load_lora_state(self.transformer, ema)

@@ -21,7 +21,7 @@ from vist3a.weights.convert import (
     find_checkpoint,
     plan_recon_checkpoint,
 )
-from vist3a.weights.locate import Location, WeightsError, classify, hub_repo, resolve
+from vist3a.weights.locate import Location, WeightsError, classify, hub_download_command, hub_parts, hub_repo, resolve
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,9 @@ RELEASES = {
                        "VGGT licence, non-commercial weights (see the model card)", "weights/vggt-1b"),
     "anysplat": Release("lhjiang/anysplat", "AnySplat", ("model.safetensors", "config.json"),
                         "code MIT; weights derived from VGGT-1B, non-commercial", "weights/anysplat"),
+    "vist3a": Release("HJGO/VIST3A", "VIST3A release: stitched AnySplat decoder and reward-aligned Wan LoRAs", (),
+                      "no licence file in the release; the decoder sits on AnySplat weights derived from VGGT-1B "
+                      "(non-commercial); the Wan LoRAs adapt Apache-2.0 Wan 2.1", "weights/vist3a"),
 }
 #: hub download filters: only what we load (repos also hold READMEs, images, duplicate formats).
 WAN_PATTERNS = ["model_index.json", "scheduler/*", "text_encoder/*", "tokenizer/*", "transformer/*", "vae/*"]
@@ -125,12 +128,12 @@ def check_weights(cfg, *, fetch: bool = False, deep: bool = True, hub_cache_dir:
     kw = {"fetch": fetch, "hub_cache_dir": hub_cache_dir}
     model = cfg.model
     comps = [_check_video(cfg, deep=deep, **kw), _check_recon(cfg, **kw)]
-    comps.append(_check_own(cfg, "stitch", "model.stitch.weights", model.stitch.weights,
-                            "the stitching layer starts from random weights (scenes will be noise until it is fitted)",
-                            needed=model.video.source == "pretrained" or model.recon.source == "pretrained", **kw))
-    if "lora" in type(model.video).model_fields:  # the reward-tuned video LoRA, where the schema has one
-        comps.append(_check_own(cfg, "lora", "model.video.lora", model.video.lora,
-                                "no video LoRA (the base Wan model is used)", needed=False, **kw))
+    stitch = _check_own(cfg, "stitch", "model.stitch.weights", model.stitch.weights,
+                        "the stitching layer starts from random weights (scenes will be noise until it is fitted)",
+                        needed=model.video.source == "pretrained" or model.recon.source == "pretrained", **kw)
+    lora = _check_own(cfg, "lora", "model.video.lora", model.video.lora,
+                      "no video LoRA (the base Wan model is used)", needed=False, **kw)
+    comps += [_check_stitch_file(cfg, stitch), _check_video_lora(cfg, lora)]
     return WeightsCheck(cfg.preset, comps)
 
 
@@ -157,6 +160,15 @@ def _release_for_recon(cfg) -> Release:
 
 def _fetch_hints(spec: str, key: str, release: Release | None, preset: str) -> list[str]:
     kind = classify(spec)
+    if kind == "hub" and hub_parts(spec)[2] is not None:  # a file or folder inside a hub repo
+        repo, _, inner = hub_parts(spec)
+        known = next((r for r in RELEASES.values() if r.repo == repo), None)
+        local_dir = known.local_dir if known else "weights/" + repo.split("/")[-1].lower()
+        what = f" ({known.what}; licence: {known.licence})" if known else ""
+        return [f"download {inner} of {repo}{what} on a machine with network:",
+                f"  {hub_download_command(spec, local_dir)}",
+                f"then use it with --set {key}={local_dir}/{inner} (a path, or an s3:// prefix you copied it to)",
+                f"or let vist3a download it: `vist3a weights check {preset} --fetch` on a machine with network"]
     repo = hub_repo(spec)[0] if kind == "hub" else (release.repo if release else None)
     known = release if release is not None and release.repo == repo else None
     hints = []
@@ -313,8 +325,76 @@ def _check_own(cfg, name: str, key: str, spec: str | None, unset_note: str, *, n
         if needed:
             comp.notes.append(unset_note)
         return comp
-    return _locate(cfg, name, key, spec, fetch=fetch, hub_cache_dir=hub_cache_dir,
-                   hints=lambda: [f"point {key} at the checkpoint written by the stitching/fine-tuning job, or unset it"])
+    def hints() -> list[str]:
+        if classify(spec) == "hub":
+            return _fetch_hints(spec, key, None, cfg.preset)
+        return [f"point {key} at the checkpoint written by the stitching/fine-tuning job (or the release's file), "
+                "or unset it"]
+
+    return _locate(cfg, name, key, spec, fetch=fetch, hub_cache_dir=hub_cache_dir, hints=hints)
+
+
+def _check_stitch_file(cfg, comp: ComponentCheck) -> ComponentCheck:
+    """The stitch file must fit the configured decoder: the release's .pth (planned on a meta-device
+    network, so wrong cut, spec, rank or layers show here) or vist3a's own checkpoint."""
+    if comp.status != "ok" or comp.location is None:
+        return comp
+    from vist3a.recon import ReconNet
+    from vist3a.stitching import StitchingLayer
+    from vist3a.stitching.checkpoint import FORMAT, check_compatible
+    from vist3a.weights.release import FORMAT_NAME, is_release_checkpoint, plan_release, read_checkpoint_file
+
+    sc = cfg.model.stitch
+    try:
+        payload = read_checkpoint_file(comp.location.local)
+        with torch.device("meta"):
+            recon = ReconNet(cfg.model.recon)
+            stitch = StitchingLayer(sc.spec, in_channels=cfg.model.video.vae.z_dim)
+        if is_release_checkpoint(payload):
+            comp.found.append(f"{comp.location.local}: {FORMAT_NAME}")
+            if sc.lora_rank is None or sc.lora_alpha is None:
+                comp.problems.append("a released .pth needs model.stitch.lora_rank and model.stitch.lora_alpha (the "
+                                     "file stores no alpha; HJGO/VIST3A: rank 64, alpha 32, as the vist3a presets set)")
+            else:
+                report = plan_release(payload, recon, sc.cut, stitch, sc.lora_rank, sc.lora_alpha,
+                                      source=str(comp.location.local)).report
+                comp.reports.append(report)
+                if not report.ok:
+                    comp.problems.append("the released decoder file does not fit the configured network (report below)")
+        elif payload.get("format") == FORMAT:
+            comp.found.append(f"{comp.location.local}: vist3a stitch checkpoint, cut {payload.get('cut')}")
+            check_compatible(payload, stitch, sc.cut, source=str(comp.location.local))
+        else:
+            comp.problems.append(f"{comp.location.local} is neither a vist3a stitch checkpoint ({FORMAT}) nor the "
+                                 f"release's anysplat_stitched.pth (top-level keys {sorted(payload)[:8]})")
+    except (WeightsError, ValueError) as exc:
+        comp.problems.append(str(exc))
+    if comp.problems:
+        comp.status = "invalid"
+    return comp
+
+
+def _check_video_lora(cfg, comp: ComponentCheck) -> ComponentCheck:
+    """A peft adapter directory whose target modules and shapes fit the configured Wan transformer
+    (built on the meta device: a 14B adapter given to the 1.3B preset shows here)."""
+    if comp.status != "ok" or comp.location is None:
+        return comp
+    from diffusers import WanTransformer3DModel
+
+    from vist3a.lora import check_video_lora, read_lora_dir
+
+    try:
+        config, state, _ = read_lora_dir(str(comp.location.local))
+        with torch.device("meta"):
+            transformer = WanTransformer3DModel(**cfg.model.video.transformer.model_dump())
+        comp.found.append(f"{comp.location.local}: peft LoRA r {config.get('r')}, alpha {config.get('lora_alpha')}, "
+                          f"{len(state)} tensors")
+        comp.problems += check_video_lora(transformer, config, state, str(comp.location.local))
+    except (OSError, ValueError) as exc:
+        comp.problems.append(str(exc))
+    if comp.problems:
+        comp.status = "invalid"
+    return comp
 
 
 def _locate(cfg, name: str, key: str, spec: str, *, fetch: bool, hub_cache_dir, hints, allow_patterns=None
