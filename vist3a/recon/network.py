@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from vist3a.ids import seeded
 from vist3a.recon.aggregator import Aggregator
 from vist3a.recon.geometry import pose_encoding_to_extri_intri
 from vist3a.recon.heads import CameraHead, DPTHead, split_activate
@@ -57,8 +58,7 @@ class ReconNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.frames_chunk: int | None = 8  # DPT heads decode this many views at a time
-        with torch.random.fork_rng(devices=[]):  # the same random weights for a seed on every machine
-            torch.manual_seed(cfg.seed)
+        with seeded(cfg.seed):  # the same random weights for a seed on every machine
             self._build(cfg)
 
     def _build(self, cfg) -> None:

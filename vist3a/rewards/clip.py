@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vist3a.ids import seeded
+
 #: OpenAI CLIP's normalisation, used when a checkpoint ships no preprocessor_config.json.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -149,8 +151,7 @@ def write_tiny_clip(directory: str | Path, seed: int = 0, image_size: int = 32, 
                          pad_token_id=vocab["<|endoftext|>"]),
         vision_config=dict(common, image_size=image_size, patch_size=max(1, image_size // 4)),
         projection_dim=width, logit_scale_init_value=math.log(100.0))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = CLIPModel(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
