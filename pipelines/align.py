@@ -22,21 +22,32 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
+import pyarrow as pa
+import ray.data
+import ray.train
+import torch
+from ray.train import DataConfig
+from ray.train.torch import TorchTrainer
+
 from pipelines.ray_setup import (checkpoint_due, checkpointed_run, failure_drill, fit, init_ray, report_step,
                                  restored_checkpoint, scaling, worker_setup)
 from vist3a.config import Config, ConfigError, load_config
+from vist3a.io import ensure_writable, join
+from vist3a.io.corpus import Corpus, clip_views
+from vist3a.io.prompts import read_prompts
+from vist3a.models import build_stitched_decoder, build_video
+from vist3a.rewards import ClipScorer, write_tiny_clip
+from vist3a.train.align import AlignTrainer, average_metrics, check_replicas_in_sync, draw_prompts, prompt_share
+from vist3a.video import check_prompt, load_tokenizer
+from vist3a.weights import prepare_weights
 
 # ----------------------------------------------------------------------------- driver side
 
 
-def read_prompt_table(cfg: Config):
+def read_prompt_table(cfg: Config) -> tuple[pa.Table, dict]:
     """The prompt set as an Arrow table (id, prompt) of the rows the generator can take with every
     template; -> (table, stats). Fails before Ray starts when nothing is left."""
-    import pyarrow as pa
-
-    from vist3a.io.prompts import read_prompts
-    from vist3a.video import check_prompt, load_tokenizer
-
     job = cfg.align
     table, stats = read_prompts(job.prompts, cfg.storage)
     tokenizer = load_tokenizer(cfg.model.video)
@@ -72,23 +83,14 @@ def check_setup(cfg: Config) -> None:
             raise ValueError("align.reward_weights.diffusion > 0 needs align.corpus (a clip corpus with captions)")
         if cfg.sampling.height != cfg.sampling.width:
             raise ValueError("the diffusion loss crops corpus clips to squares: set sampling.height = sampling.width")
-    if job.grad_steps > job.steps_min:
-        raise ValueError(f"align.grad_steps {job.grad_steps} > align.steps_min {job.steps_min}")
 
 
 # ----------------------------------------------------------------------------- worker side
 
 
-def build_trainer(cfg: Config, device):
+def build_trainer(cfg: Config, device: torch.device) -> AlignTrainer:
     """Video model, frozen stitched decoder, scorer and the AlignTrainer around them (models loaded here,
     in the worker, from paths: nothing large travels through Ray)."""
-    import torch
-
-    from vist3a.models import build_stitched_decoder, build_video
-    from vist3a.rewards import ClipScorer
-    from vist3a.train.align import AlignTrainer
-    from vist3a.weights import prepare_weights
-
     local_cfg, _ = prepare_weights(cfg)
     dtype = getattr(torch, cfg.runtime.dtype)
     video = build_video(local_cfg, device, dtype)
@@ -104,20 +106,13 @@ class ClipDraws:
     by (seed, s, r), as everything else in a step, so restarts replay them."""
 
     def __init__(self, cfg: Config, rank: int, world: int):
-        from vist3a.io.corpus import Corpus
-
         self.cfg, self.rank = cfg, rank
         self.corpus = Corpus(cfg.align.corpus, cfg.storage)
         self.indices = self.corpus.worker_clip_indices(rank, world)
         if not self.indices:
             raise ValueError(f"worker {rank} of {world} has no clips: {cfg.align.corpus} has {len(self.corpus)}")
 
-    def batch(self, step: int):
-        import numpy as np
-        import torch
-
-        from vist3a.io.corpus import clip_views
-
+    def batch(self, step: int) -> tuple[torch.Tensor, list[str]]:
         job, s = self.cfg.align, self.cfg.sampling
         rng = np.random.default_rng([job.seed, step, self.rank, 1])
         picks = rng.choice(self.indices, size=job.batch_size, replace=len(self.indices) < job.batch_size)
@@ -128,11 +123,6 @@ class ClipDraws:
 
 def train_loop(config: dict) -> None:
     """Ray Train worker: resume or start, then step, report every step, checkpoint periodically."""
-    import ray.data
-    import ray.train
-
-    from vist3a.train.align import average_metrics, check_replicas_in_sync, draw_prompts, prompt_share
-
     cfg = Config.model_validate(config["cfg"])
     job = cfg.align
     rank, world, device = worker_setup(cfg.align)
@@ -164,12 +154,6 @@ def train_loop(config: dict) -> None:
 
 def run_align(cfg: Config) -> dict:
     """Train (or resume) and write <output>/lora, <output>/lora_ema, <output>/meta.json; returns a summary."""
-    import ray.data
-    from ray.train import DataConfig
-    from ray.train.torch import TorchTrainer
-
-    from vist3a.io import ensure_writable, join
-
     job = cfg.align
     check_setup(cfg)
     table, stats = read_prompt_table(cfg)
@@ -222,8 +206,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.command == "tiny-scorer":
-            from vist3a.rewards import write_tiny_clip
-
             print(f"[align] tiny CLIP scorer written to {write_tiny_clip(args.directory, seed=args.seed)}")
             return 0
         run_align(load_config(args.config, args.overrides))

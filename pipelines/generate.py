@@ -25,10 +25,19 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
+import ray
+import torch
+from ray.data import ActorPoolStrategy
 
-from pipelines.ray_setup import init_ray
-from vist3a.config import Config, ConfigError, load_config
-from vist3a.dataset import compact_manifest, empty_manifest_row, recorded_ids
+from pipelines.ray_setup import init_ray, run_isolated, set_torch_threads
+from vist3a import __version__
+from vist3a.config import Config, ConfigError, StorageConfig, load_config
+from vist3a.dataset import (compact_manifest, empty_manifest_row, now_utc, recorded_ids, write_manifest_part,
+                            write_scene)
+from vist3a.generator import SceneGenerator, scene_files
+from vist3a.io import ensure_writable, remove_temp_files
+from vist3a.io.prompts import read_prompts
+from vist3a.video import check_prompt, load_tokenizer
 
 log = logging.getLogger("vist3a.generate")
 
@@ -47,18 +56,11 @@ class ValidatePrompts:
     """CPU stage: refuse prompts the text encoder cannot take (token limit) before any GPU time."""
 
     def __init__(self, cfg_dict: dict):
-        from vist3a.config import Config
-        from vist3a.video import load_tokenizer
-
-        from vist3a.generator import SceneGenerator
-
         self.cfg = Config.model_validate(cfg_dict)
         local = SceneGenerator.fetch_and_verify_weights(self.cfg)  # hub ids / s3:// made local on this node
         self.tokenizer = load_tokenizer(local.model.video)
 
     def __call__(self, batch: dict) -> dict:
-        from vist3a.video import check_prompt
-
         limit = self.cfg.model.video.text_encoder.max_length
         errors = list(batch["error"])
         for i, (prompt, err) in enumerate(zip(batch["prompt"], errors)):
@@ -72,37 +74,24 @@ class GenerateScenes:
     """GPU stage: one SceneGenerator per actor; a failing batch is retried item by item."""
 
     def __init__(self, cfg_dict: dict):
-        import torch
-
-        from vist3a.config import Config
-        from vist3a.generator import SceneGenerator
-
         cfg = Config.model_validate(cfg_dict)
-        if cfg.runtime.torch_threads is None and not torch.cuda.is_available():
-            torch.set_num_threads(max(1, int(cfg.generate.cpus_per_actor)))
+        set_torch_threads(cfg.generate.cpus_per_actor, torch.cuda.is_available(), cfg.runtime.torch_threads)
         self.gen = SceneGenerator(cfg)
-
-    def _run(self, idx, batch):
-        return self.gen.generate([batch["prompt"][i] for i in idx], [int(batch["seed"][i]) for i in idx],
-                                 [batch["negative_prompt"][i] or "" for i in idx])
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["id"])
         scenes = [b""] * n
         metas = [""] * n
         errors = list(batch["error"])
-        todo = [i for i in range(n) if not errors[i]]
-        results = {}
-        if todo:
-            try:
-                results = dict(zip(todo, self._run(todo, batch)))
-            except Exception:  # noqa: BLE001 - isolate the failing item(s)
-                for i in todo:
-                    try:
-                        results[i] = self._run([i], batch)[0]
-                    except Exception as exc:  # noqa: BLE001 - recorded as a failed row, the job goes on
-                        errors[i] = f"generation failed: {type(exc).__name__}: {exc}"[:500]
-        for i, scene in results.items():
+
+        def generate(idx: list[int]) -> list:
+            return self.gen.generate([batch["prompt"][i] for i in idx], [int(batch["seed"][i]) for i in idx],
+                                     [batch["negative_prompt"][i] or "" for i in idx])
+
+        done, failed = run_isolated(generate, [i for i in range(n) if not errors[i]])
+        for i, reason in failed:  # recorded as failed rows; the job goes on
+            errors[i] = reason
+        for i, scene in done:
             # pickled here: Arrow stores bytes as they are, where a Scene object makes Ray Data try (and
             # fail, with a warning per block) to convert it to an Arrow column first
             scenes[i] = pickle.dumps(scene, protocol=pickle.HIGHEST_PROTOCOL)
@@ -115,11 +104,6 @@ class GenerateScenes:
 
 def write_scenes(batch: dict, output: str, storage: dict, ply_sh_degree: int) -> dict:
     """CPU stage: encode and upload each scene, then commit the batch's manifest part."""
-    from vist3a import __version__
-    from vist3a.config import StorageConfig
-    from vist3a.dataset import now_utc, write_manifest_part, write_scene
-    from vist3a.generator import scene_files
-
     storage_cfg = StorageConfig.model_validate(storage)
     rows = []
     for i in range(len(batch["id"])):
@@ -186,9 +170,6 @@ class Progress:
 
 def build_dataset(cfg: Config, todo: pa.Table):
     """The streaming plan: validate (CPU) -> generate (GPU actors) -> write (CPU)."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
     job = cfg.generate
     cfg_dict = cfg.model_dump(mode="json")
     ctx = ray.data.DataContext.get_current()
@@ -215,11 +196,6 @@ def build_dataset(cfg: Config, todo: pa.Table):
 
 def run(cfg: Config) -> dict:
     """Run (or resume) the job described by `cfg`; returns the summary."""
-    from vist3a.io import ensure_writable, remove_temp_files
-    from vist3a.io.prompts import read_prompts
-
-    from vist3a.generator import SceneGenerator
-
     job = cfg.generate
     t0 = time.perf_counter()
     ensure_writable(job.output, cfg.storage)

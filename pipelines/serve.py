@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
+import torch
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -33,8 +35,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from pydantic_core import PydanticCustomError
 from ray import serve
 from ray.serve.config import BackpressureConfig
+from ray.serve.exceptions import BackPressureError
 
+from pipelines.ray_setup import run_isolated, set_torch_threads
 from vist3a.config import Config, ConfigError, build_config, load_config
+from vist3a.generator import SceneGenerator, scene_files
+from vist3a.ids import seed_from
 from vist3a.io import is_s3
 from vist3a.io.scene_store import SCENE_FILES, SceneStore, is_scene_id, new_scene_id
 
@@ -114,13 +120,11 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
 # ----------------------------------------------------------------------------- model side
 
 
-def run_batch(generator, store: SceneStore, jobs: list[dict], ply_sh_degree: int = 3) -> list[dict]:
+def run_batch(generator: SceneGenerator, store: SceneStore, jobs: list[dict], ply_sh_degree: int = 3) -> list[dict]:
     """Generate `jobs` (dicts: id, prompt, seed, steps, guidance) and record each as done or failed.
 
     One generator call per distinct (steps, guidance) group; a group that raises is retried one
     job at a time so a single bad item fails alone. Never raises: the outcome is in the records."""
-    from vist3a.generator import scene_files
-
     outcomes: dict[str, dict] = {}
     for job in jobs:
         try:
@@ -138,15 +142,9 @@ def run_batch(generator, store: SceneStore, jobs: list[dict], ply_sh_degree: int
 
     for group in groups.values():
         t0 = time.perf_counter()
-        try:
-            results = list(zip(group, generate(group), strict=True))
-        except Exception:  # noqa: BLE001 - find the failing item(s)
-            results = []
-            for job in group:
-                try:
-                    results.append((job, generate([job])[0]))
-                except Exception as exc:  # noqa: BLE001 - recorded; the replica goes on
-                    outcomes[job["id"]] = {"status": "failed", "reason": f"generation failed: {type(exc).__name__}: {exc}"[:500]}
+        results, failed = run_isolated(generate, group)
+        for job, reason in failed:  # recorded; the replica goes on
+            outcomes[job["id"]] = {"status": "failed", "reason": reason}
         seconds = (time.perf_counter() - t0) / max(len(group), 1)
         for job, scene in results:
             try:
@@ -174,15 +172,9 @@ class SceneModel:
     """One model replica: loads the generator once; `generate` is batched across concurrent callers."""
 
     def __init__(self, cfg: dict):
-        import ray
-        import torch
-
-        from vist3a.generator import SceneGenerator
-
         self.cfg = Config.model_validate(cfg)
-        if self.cfg.runtime.torch_threads is None and not torch.cuda.is_available():
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-            torch.set_num_threads(max(1, int(round(cpus))))
+        set_torch_threads(ray.get_runtime_context().get_assigned_resources().get("CPU", 1), torch.cuda.is_available(),
+                          self.cfg.runtime.torch_threads)
         self.generator = SceneGenerator(self.cfg)
         self.store = SceneStore(self.cfg.serve.store, self.cfg.storage)
         self.generate.set_max_batch_size(self.cfg.serve.batch_max_size)
@@ -267,8 +259,6 @@ class SceneAPI:
 
     async def _generate(self, scene_id: str, job: dict) -> None:
         """Background: call the model (waiting while its queue is full); record failures it cannot record itself."""
-        from ray.serve.exceptions import BackPressureError
-
         try:
             delay = 0.2
             while True:
@@ -333,8 +323,6 @@ class SceneAPI:
         sampling = self.cfg.sampling
         seed = req.seed if req.seed is not None else sampling.seed
         if seed is None:
-            from vist3a.ids import seed_from
-
             seed = seed_from(req.prompt)
         job = {"id": scene_id, "prompt": req.prompt, "seed": seed,
                "steps": req.steps or sampling.steps, "guidance": sampling.guidance if req.guidance is None else req.guidance}

@@ -5,7 +5,7 @@
     ray job submit --working-dir . -- python -m pipelines.stitch search --config deploy/stitch.cluster.yaml
 
 search: every worker streams its share of the corpus (row groups of the Parquet shards) through the
-  video VAE encoder and the reconstruction network, with hooks on every candidate layer, and adds
+  video VAE encoder and the reconstruction network (every candidate layer's tokens from one pass), and adds
   the rows to float64 normal equations (vist3a.stitching.search). The sums are all-reduced
   (gloo on CPU, nccl on GPU); rank 0 solves the ridge problem of every layer and writes
   <output>/search/table.json, layers/<layer>.pt (every layer's fitted stitching layer) and best.pt.
@@ -26,9 +26,25 @@ import sys
 import time
 import uuid
 
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train.torch import TorchTrainer
+
 from pipelines.ray_setup import (checkpointed_run, failure_drill, fit, init_ray, report_step, restored_checkpoint,
                                  scaling, worker_setup)
 from vist3a.config import Config, ConfigError, load_config
+from vist3a.io import join, read_text, write_text
+from vist3a.io.corpus import Corpus, clip_views
+from vist3a.models import build_recon, build_stitched_decoder
+from vist3a.stitching import StitchingLayer, read_stitch_checkpoint, save_stitch_checkpoint
+from vist3a.stitching.checkpoint import check_compatible, stitch_checkpoint
+from vist3a.stitching.finetune import StitchFinetuner
+from vist3a.stitching.search import LayerFit, LayerSearch, best_layer, format_table, is_heldout
+from vist3a.stitching.spec import StitchSpec
+from vist3a.video import build_wan
 
 # ----------------------------------------------------------------------------- shared
 
@@ -40,11 +56,8 @@ def vae_size(cfg: Config) -> int:
     return cfg.sampling.height
 
 
-def check_setup(cfg: Config):
+def check_setup(cfg: Config) -> Corpus:
     """Fail before Ray starts: shapes that cannot stitch, a missing or empty corpus."""
-    from vist3a.io.corpus import Corpus
-    from vist3a.stitching.spec import StitchSpec
-
     job, rc = cfg.stitch_job, cfg.model.recon
     spec = StitchSpec.parse(cfg.model.stitch.spec)
     latent = vae_size(cfg) // 2 ** (len(cfg.model.video.vae.dim_mult) - 1)
@@ -67,9 +80,7 @@ def check_setup(cfg: Config):
     return corpus
 
 
-def load_vae(cfg: Config, device):
-    from vist3a.video import build_wan
-
+def load_vae(cfg: Config, device: torch.device) -> torch.nn.Module:
     return build_wan(cfg.model.video, device=device).vae
 
 
@@ -78,15 +89,6 @@ def load_vae(cfg: Config, device):
 
 def search_loop(config: dict) -> None:
     """Ray Train worker: accumulate this worker's clips, all-reduce, rank 0 solves and writes."""
-    import ray.train
-    import torch
-    import torch.distributed as dist
-
-    from vist3a.io.corpus import Corpus
-    from vist3a.models import build_recon
-    from vist3a.io.corpus import clip_views
-    from vist3a.stitching.search import LayerSearch, is_heldout
-
     cfg = Config.model_validate(config["cfg"])
     job = cfg.stitch_job
     rank, world, device = worker_setup(cfg.stitch_job)
@@ -125,13 +127,8 @@ def search_loop(config: dict) -> None:
     ray.train.report(metrics)
 
 
-def write_search_outputs(cfg: Config, search, fits, metrics: dict, world: int) -> dict:
+def write_search_outputs(cfg: Config, search: LayerSearch, fits: list[LayerFit], metrics: dict, world: int) -> dict:
     """table.json, layers/<layer>.pt for every layer, best.pt; returns the table."""
-    from vist3a.io import join, write_text
-    from vist3a.stitching import StitchingLayer, save_stitch_checkpoint
-    from vist3a.stitching.checkpoint import stitch_checkpoint
-    from vist3a.stitching.search import best_layer
-
     job = cfg.stitch_job
     root = join(job.output, "search")
     best = best_layer(fits)
@@ -156,11 +153,6 @@ def write_search_outputs(cfg: Config, search, fits, metrics: dict, world: int) -
 
 
 def run_search(cfg: Config) -> dict:
-    from ray.train.torch import TorchTrainer
-
-    from vist3a.io import join, read_text
-    from vist3a.stitching.search import format_table
-
     job = cfg.stitch_job
     corpus = check_setup(cfg)
     print(f"[stitch search] {len(corpus)} clips in {len(corpus.units())} row groups at {job.corpus}; "
@@ -188,19 +180,14 @@ class ClipSampler:
     """The clips of step s on worker r: drawn from the worker's share with an RNG seeded by (seed, s, r),
     so a restarted run sees exactly the batches the lost one would have."""
 
-    def __init__(self, corpus, rank: int, world: int, views: int, batch_size: int, size: int, seed: int):
+    def __init__(self, corpus: Corpus, rank: int, world: int, views: int, batch_size: int, size: int, seed: int):
         self.corpus, self.rank, self.views, self.batch_size, self.size, self.seed = corpus, rank, views, batch_size, size, seed
         counts = corpus.frame_counts()
         self.indices = [i for i in corpus.worker_clip_indices(rank, world) if counts[i] >= views]
         if not self.indices:
             raise ValueError(f"worker {rank} of {world} has no clip of {views}+ frames: the corpus has {len(corpus)} clips")
 
-    def batch(self, step: int):
-        import numpy as np
-        import torch
-
-        from vist3a.io.corpus import clip_views
-
+    def batch(self, step: int) -> torch.Tensor:
         rng = np.random.default_rng([self.seed, step, self.rank])
         picks = rng.choice(self.indices, size=self.batch_size, replace=len(self.indices) < self.batch_size)
         cols = ["id", "frames", "width", "height", "num_frames"]
@@ -210,16 +197,6 @@ class ClipSampler:
 
 def finetune_loop(config: dict) -> None:
     """Ray Train worker: resume or initialise, then step, report every step, checkpoint periodically."""
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from vist3a.io import join
-    from vist3a.io.corpus import Corpus
-    from vist3a.stitching import read_stitch_checkpoint, save_stitch_checkpoint
-    from vist3a.models import build_stitched_decoder
-    from vist3a.stitching.finetune import StitchFinetuner
-
     cfg = Config.model_validate(config["cfg"])
     job = cfg.stitch_job
     rank, world, device = worker_setup(cfg.stitch_job)
@@ -249,18 +226,13 @@ def finetune_loop(config: dict) -> None:
 
 
 def run_finetune(cfg: Config) -> dict:
-    from ray.train.torch import TorchTrainer
-
-    from vist3a.io import join
-
     job = cfg.stitch_job
     corpus = check_setup(cfg)
-    if job.init:
-        from vist3a.stitching import read_stitch_checkpoint
-
-        init = read_stitch_checkpoint(job.init, cfg.storage)  # fail now, not in every worker
-        if init["cut"] != cfg.model.stitch.cut:
-            raise ValueError(f"stitch_job.init {job.init} was fitted at {init['cut']}; set model.stitch.cut={init['cut']}")
+    if job.init:  # the check StitchFinetuner.init_stitch makes, now rather than in every worker
+        with torch.device("meta"):
+            layer = StitchingLayer(cfg.model.stitch.spec, in_channels=cfg.model.video.vae.z_dim)
+        check_compatible(read_stitch_checkpoint(job.init, cfg.storage), layer, cfg.model.stitch.cut,
+                         source=f"stitch_job.init {job.init}")
     run_config, where = checkpointed_run(job, cfg)
     print(f"[stitch finetune] {len(corpus)} clips; {job.workers} worker(s) x batch {job.batch_size}; {job.steps} steps; "
           f"cut {cfg.model.stitch.cut}; init {job.init or 'random'}; checkpoints -> {where}", flush=True)

@@ -11,7 +11,6 @@ import pytest
 import torch
 from plyfile import PlyData
 
-from conftest import REPO
 from vist3a.config import build_config
 from vist3a.splats import read_ply
 
@@ -62,27 +61,31 @@ def test_stitched_decoder_refuses_mismatched_latent_grid(generator):
         generator.decoder(z)
 
 
-def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "vist3a", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": REPO}, timeout=300, **kw)
+@pytest.fixture
+def cli(repo_root):
+    """`vist3a ARGS...` in a subprocess at the repository root."""
+    def run(*args, **kw):
+        return subprocess.run([sys.executable, "-m", "vist3a", *args], cwd=repo_root, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": repo_root}, timeout=300, **kw)
+    return run
 
 
-def test_cli_generate(tmp_path):
-    r = _cli("generate", "a small greenhouse", "--out", str(tmp_path / "o"), "--seed", "1",
+def test_cli_generate(tmp_path, cli):
+    r = cli("generate", "a small greenhouse", "--out", str(tmp_path / "o"), "--seed", "1",
              *[a for kv in FAST for a in ("--set", kv)])
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["num_gaussians"] == PlyData.read(str(tmp_path / "o" / "scene.ply"))["vertex"].count
 
 
-def test_cli_errors_bad_preset_and_unwritable_out(tmp_path):
-    r = _cli("generate", "x", "--out", str(tmp_path), "--preset", "huge")
+def test_cli_errors_bad_preset_and_unwritable_out(tmp_path, cli):
+    r = cli("generate", "x", "--out", str(tmp_path), "--preset", "huge")
     assert r.returncode == 2 and "preset" in r.stderr and "'huge'" in r.stderr and "tiny" in r.stderr
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    r = _cli("generate", "x", "--out", str(blocker / "sub"))
+    r = cli("generate", "x", "--out", str(blocker / "sub"))
     assert r.returncode == 2 and "not writable" in r.stderr and str(blocker / "sub") in r.stderr
-    r = _cli("generate", "x", "--out", str(tmp_path), "--set", "sampling.frames=6")
+    r = cli("generate", "x", "--out", str(tmp_path), "--set", "sampling.frames=6")
     assert r.returncode == 2 and "sampling.frames" in r.stderr
-    r = _cli("generate", "--help")
+    r = cli("generate", "--help")
     assert r.returncode == 0 and "scene.ply" in r.stdout and "examples" in r.stdout

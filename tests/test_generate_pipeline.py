@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 from plyfile import PlyData
 
-from conftest import REPO
 from vist3a.config import build_config
 from vist3a.dataset import MANIFEST_SCHEMA, read_manifest, scene_uri
 from vist3a.io import exists, filesystem, read_bytes
@@ -130,7 +129,7 @@ def _kill_worker(proc, title, busy=False, timeout=300):
     raise AssertionError(f"no process {title!r} appeared")
 
 
-def test_sigkill_worker_then_driver_then_resume_exactly_once(tmp_path):
+def test_sigkill_worker_then_driver_then_resume_exactly_once(tmp_path, repo_root):
     prompts = [f"scene number {i} with a tree" for i in range(8)]
     (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
     out = tmp_path / "out"
@@ -140,8 +139,8 @@ def test_sigkill_worker_then_driver_then_resume_exactly_once(tmp_path):
             "--set", "sampling.steps=24", "--set", "generate.batch_size=1", "--set", "splats.preview_size=32",
             "--set", "splats.preview_views=1",
             "--set", "ray.progress_bars=false"]
-    env = {**os.environ, "PYTHONPATH": REPO}
-    proc = subprocess.Popen(args, cwd=REPO, env=env, start_new_session=True,
+    env = {**os.environ, "PYTHONPATH": repo_root}
+    proc = subprocess.Popen(args, cwd=repo_root, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = out / "manifest" / "parts"
     try:
@@ -165,7 +164,7 @@ def test_sigkill_worker_then_driver_then_resume_exactly_once(tmp_path):
     assert not [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     committed_before = len(read_manifest(str(out)))
     assert 3 <= committed_before < len(prompts), "the kill should land mid-way"
-    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    done = subprocess.run(args, cwd=repo_root, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = _check_consistent(str(out))
     assert sorted(r["prompt"] for r in rows if r["status"] == "done") == sorted(prompts)

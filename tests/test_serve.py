@@ -15,7 +15,6 @@ import yaml
 from PIL import Image
 from plyfile import PlyData
 
-from conftest import REPO
 from vist3a.config import ConfigError
 from vist3a.io.scene_store import SceneStore, id_time, is_scene_id, new_scene_id
 
@@ -138,13 +137,13 @@ def test_run_batch_isolates_a_failing_item_and_groups_by_settings(tmp_path):
 # ----------------------------------------------------------------------------- config files
 
 
-def test_serve_config_files_follow_serve_schema_and_build_configs():
+def test_serve_config_files_follow_serve_schema_and_build_configs(repo_root):
     from ray.serve.schema import ServeDeploySchema
 
     from pipelines.serve import config_from_args
 
-    docs = {p: yaml.safe_load(open(f"{REPO}/deploy/{p}")) for p in ("serve.yaml", "serve.cluster.yaml")}
-    kuberay = yaml.safe_load(open(f"{REPO}/deploy/kuberay/rayservice.yaml"))
+    docs = {p: yaml.safe_load(open(f"{repo_root}/deploy/{p}")) for p in ("serve.yaml", "serve.cluster.yaml")}
+    kuberay = yaml.safe_load(open(f"{repo_root}/deploy/kuberay/rayservice.yaml"))
     docs["rayservice"] = yaml.safe_load(kuberay["spec"]["serveConfigV2"])
     for name, doc in docs.items():
         ServeDeploySchema.model_validate(doc)
@@ -161,7 +160,7 @@ def test_serve_config_files_follow_serve_schema_and_build_configs():
         config_from_args({"config": {"serve": {"max_steps": 0}}})
     with pytest.raises(ConfigError, match="unknown application args: confg"):
         config_from_args({"confg": {}})
-    assert config_from_args({"config": f"{REPO}/deploy/local.yaml", "overrides": ["serve.max_steps=7"]}).serve.max_steps == 7
+    assert config_from_args({"config": f"{repo_root}/deploy/local.yaml", "overrides": ["serve.max_steps=7"]}).serve.max_steps == 7
 
 
 # ----------------------------------------------------------------------------- the endpoint
@@ -287,7 +286,7 @@ def test_twenty_concurrent_requests_are_all_answered_and_batched(client, serve_a
 
 
 @pytest.mark.ray
-def test_docs_health_and_viewer_page(client):
+def test_docs_health_and_viewer_page(client, repo_root):
     assert client.get("/healthz").json()["status"] == "ok"
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/v1/scenes"]["post"]["requestBody"]["content"]["application/json"]["schema"]
@@ -301,7 +300,7 @@ def test_docs_health_and_viewer_page(client):
     assert "http://" not in page.text and "https://" not in page.text  # everything from this server, no CDN
     assert client.get("/vendor/three/../../pyproject.toml").status_code == 404
     assert client.get("/vendor/other/x.js").status_code == 404
-    if os.path.isdir(os.path.join(REPO, "node_modules")):
+    if os.path.isdir(os.path.join(repo_root, "node_modules")):
         js = client.get("/vendor/spark/spark.module.js")
         assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
         assert client.get("/vendor/swagger-ui/swagger-ui-bundle.js").status_code == 200

@@ -21,16 +21,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytestmark = [
     pytest.mark.ray,
     pytest.mark.skipif(CHROMIUM is None, reason="headless browser test needs Debian's `chromium` (apt-get install chromium)"),
-    pytest.mark.skipif(not os.path.isdir(os.path.join(REPO, "node_modules", "@sparkjsdev", "spark")),
-                       reason="viewer packages not installed: run `npm install` at the repository root"),
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def viewer_packages(repo_root):
+    """Skip (before the session's Ray and Serve start) when the viewer's npm packages are not installed."""
+    if not os.path.isdir(os.path.join(repo_root, "node_modules", "@sparkjsdev", "spark")):
+        pytest.skip("viewer packages not installed: run `npm install` at the repository root")
 
 
 class Browser:
