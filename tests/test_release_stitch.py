@@ -17,6 +17,8 @@ from vist3a.stitching import StitchedDecoder, StitchingLayer
 from vist3a.weights import CheckpointMismatchError, WeightsError
 from vist3a.weights.release import load_release_stitch, plan_release, read_checkpoint_file
 
+from release_format import adapted_layers, release_name, write_release_file  # noqa: E402 - tests/ helper
+
 SPEC = "conv3d_k3x3x3_o32_s1x1x1_p1x1x1"
 CUT = "blocks.1"  # upstream enc_blocks_2: blocks 0 and 1 deleted, the rest renumbered from 0
 RANK, ALPHA = 4, 2.0
@@ -29,57 +31,6 @@ def _decoder(cut: str = CUT, spec: str = SPEC) -> StitchedDecoder:
     return StitchedDecoder(stitch, recon, cut, torch.zeros(16), torch.ones(16)).eval()
 
 
-def _adapted_layers(recon: nn.Module, first_block: int) -> dict[str, nn.Module]:
-    """Every nn.Linear / nn.Conv2d the stitched network still runs (what the release puts LoRA on)."""
-    out = {}
-    for name, m in recon.named_modules():
-        if type(m) not in (nn.Linear, nn.Conv2d):
-            continue
-        if name.startswith("aggregator.patch_embed."):
-            parts = name.split(".")
-            if parts[2] != "blocks" or int(parts[3]) < first_block:
-                continue  # the patch conv and the blocks up to the cut were deleted upstream
-        out[name] = m
-    return out
-
-
-def _release_name(name: str, first_block: int) -> str:
-    parts = name.split(".")
-    if name.startswith("aggregator.patch_embed.blocks."):
-        parts[3] = str(int(parts[3]) - first_block)  # ModuleList deletion renumbers
-    return "encoder." + ".".join(parts)
-
-
-def write_release_file(path, decoder: StitchedDecoder, rank: int = RANK, seed: int = 0, cut_blocks: int = 2,
-                       stitch_shape=None) -> dict:
-    """The release's dict: 'lora' (A, B, bias per adapted layer), 'stitching_layer', three tokens."""
-    g = torch.Generator().manual_seed(seed)
-    lora = {}
-    for name, m in _adapted_layers(decoder.recon, cut_blocks).items():
-        key = _release_name(name, cut_blocks)
-        if isinstance(m, nn.Linear):
-            a, b = (rank, m.in_features), (m.out_features, rank)
-        else:
-            k = m.kernel_size[0]
-            a, b = (rank * k, m.in_channels * k), (m.out_channels // m.groups * k, rank * k)
-        lora[key + ".lora_A"] = torch.randn(a, generator=g) * 0.2
-        lora[key + ".lora_B"] = torch.randn(b, generator=g) * 0.2
-        if m.bias is not None:
-            bias = torch.randn(m.bias.shape, generator=g) * 0.1
-            lora[key + ".bias"] = bias if "head" in name else bias.to(torch.bfloat16)  # as released: non-head bf16
-    lora["encoder.distill_aggregator.frame_blocks.0.attn.qkv.lora_A"] = torch.zeros(rank, 32)  # teacher copy
-    w = stitch_shape or tuple(decoder.stitch.conv.weight.shape)
-    payload = {
-        "lora": lora,
-        "stitching_layer": {"weight": torch.randn(w, generator=g) * 0.05, "bias": torch.randn(w[0], generator=g)},
-        "mask_token": torch.randn(1, 32, generator=g),
-        "cls_token": torch.randn(1, 1, 32, generator=g),
-        "register_tokens": torch.randn(1, 4, 32, generator=g),
-    }
-    torch.save(payload, path)
-    return payload
-
-
 def _reference(decoder: StitchedDecoder, payload: dict, cut_blocks: int = 2) -> StitchedDecoder:
     """The same network with the adapters *unmerged*: every adapted layer swapped for loralib's layer
     (merge_weights=False keeps W and B @ A apart in the forward pass)."""
@@ -90,8 +41,8 @@ def _reference(decoder: StitchedDecoder, payload: dict, cut_blocks: int = 2) -> 
         ref.stitch.conv.bias.copy_(payload["stitching_layer"]["bias"])
         ref.recon.aggregator.patch_embed.cls_token.copy_(payload["cls_token"])
         ref.recon.aggregator.patch_embed.register_tokens.copy_(payload["register_tokens"])
-        for name, m in _adapted_layers(ref.recon, cut_blocks).items():
-            key = _release_name(name, cut_blocks)
+        for name, m in adapted_layers(ref.recon, cut_blocks).items():
+            key = release_name(name, cut_blocks)
             if isinstance(m, nn.Linear):
                 new = loralib.Linear(m.in_features, m.out_features, r=RANK, lora_alpha=ALPHA, merge_weights=False,
                                      bias=m.bias is not None)
@@ -125,12 +76,12 @@ def test_release_file_loads_and_matches_the_unmerged_lora_forward(tmp_path):
     ref = _reference(decoder, payload)
     report = load_release_stitch(decoder, path, rank=RANK, alpha=ALPHA)
     assert report.ok, report.format()
-    n_layers = len(_adapted_layers(decoder.recon, 2))
+    n_layers = len(adapted_layers(decoder.recon, 2))
     assert f"{n_layers} layers" in report.adapted["LoRA"]
     assert "Conv2d" in report.adapted["LoRA"] and n_layers > 40
     assert "mask_token" in report.ignored and "encoder.distill_aggregator.frame_blocks.0.attn.qkv.lora_A" in report.ignored
     # merged: plain nn.Linear / nn.Conv2d again, no adapter cost at inference
-    assert all(type(m) in (nn.Linear, nn.Conv2d) for m in _adapted_layers(decoder.recon, 2).values())
+    assert all(type(m) in (nn.Linear, nn.Conv2d) for m in adapted_layers(decoder.recon, 2).values())
     torch.testing.assert_close(decoder.stitch.conv.weight, payload["stitching_layer"]["weight"])
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(1, 16, 2, 8, 8, generator=g)

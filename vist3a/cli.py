@@ -76,8 +76,12 @@ def cmd_config(args) -> int:
 
 
 def cmd_presets(args) -> int:
+    from vist3a.presets import DESCRIPTIONS
+
+    width = max(map(len, preset_names()))
     for name in preset_names():
-        print(name)
+        print(f"{name:<{width}}  {DESCRIPTIONS.get(name, '')}")
+    print("\n`vist3a weights check PRESET` lists the files a preset loads, where to get them and their licences.")
     return 0
 
 

@@ -78,6 +78,8 @@ class SceneGenerator:
         local_cfg = self.fetch_and_verify_weights(self.cfg)
         self.video = build_video(local_cfg, self.device, self.dtype)
         self.decoder = build_stitched_decoder(local_cfg, self.video.vae, self.device, decode_frames=self.video.decode)
+        if self.cfg.sampling.negative_prompt and (why := self.video.check_prompt(self.cfg.sampling.negative_prompt)):
+            raise ValueError(f"sampling.negative_prompt: {why.replace('prompt', 'negative prompt', 1)}")
         self.load_seconds = time.perf_counter() - t0
         self.fingerprint = fingerprint(self.cfg.model.model_dump())
 
@@ -94,9 +96,19 @@ class SceneGenerator:
         local_cfg, _ = prepare_weights(cfg)
         return local_cfg
 
+    def model_prompt(self, prompt: str) -> str:
+        """What the video model is given: the user's prompt inside sampling.prompt_template."""
+        return self.cfg.sampling.prompt_template.replace("{prompt}", prompt)
+
     def check_prompt(self, prompt) -> str | None:
-        """None when the prompt can be generated, else the reason it cannot (for validation before GPU time)."""
-        return self.video.check_prompt(prompt)
+        """None when the prompt can be generated, else the reason it cannot (for validation before GPU time).
+        The token limit counts the templated prompt: that is what the text encoder reads."""
+        reason = self.video.check_prompt(prompt)
+        if reason is None and self.cfg.sampling.prompt_template != "{prompt}":
+            reason = self.video.check_prompt(self.model_prompt(prompt))
+            if reason:
+                reason += " once wrapped in sampling.prompt_template"
+        return reason
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int] | None = None, negative_prompts: list[str] | None = None,
@@ -106,6 +118,8 @@ class SceneGenerator:
             seeds = [s.seed if s.seed is not None else seed_from(p) for p in prompts]
         if negative_prompts is None:
             negative_prompts = [s.negative_prompt] * len(prompts)
+        # a prompt that brings no negative prompt of its own gets the configured one
+        negative_prompts = [neg or s.negative_prompt for neg in negative_prompts]
         if not (len(prompts) == len(seeds) == len(negative_prompts)):
             raise ValueError("prompts, seeds and negative_prompts must have the same length")
         for p in prompts:
@@ -115,7 +129,7 @@ class SceneGenerator:
         n = len(prompts)
         t0 = time.perf_counter()
         latents = self.video.sample(
-            prompts, seeds, steps=steps or s.steps, guidance=s.guidance if guidance is None else guidance,
+            [self.model_prompt(p) for p in prompts], seeds, steps=steps or s.steps, guidance=s.guidance if guidance is None else guidance,
             shift=s.shift, frames=s.frames, height=s.height, width=s.width, negative_prompt=negative_prompts,
         )
         t1 = time.perf_counter()
@@ -141,6 +155,7 @@ class SceneGenerator:
         return {
             "prompt": scene.prompt,
             "negative_prompt": scene.negative_prompt,
+            "prompt_template": self.cfg.sampling.prompt_template,
             "seed": scene.seed,
             "preset": self.cfg.preset,
             "weights_fingerprint": self.fingerprint,

@@ -14,6 +14,7 @@ from torch import nn
 from vist3a.config import Config
 from vist3a.ids import seeded
 from vist3a.recon import ReconNet
+from vist3a.recon.pixel_gaussians import AnySplatPostprocess
 from vist3a.stitching.decoder import StitchedDecoder
 from vist3a.stitching.layer import StitchingLayer
 
@@ -45,8 +46,33 @@ def build_recon(cfg: Config, device: torch.device, dtype: torch.dtype = torch.fl
 
         path = require(rc.weights, cfg.storage, what="model.recon.weights", allow_patterns=RECON_PATTERNS)
         net, _ = load_pretrained_recon(rc, path, device=device, dtype=dtype)
-        return net
-    return ReconNet(rc).to(device).eval()
+    else:
+        net = ReconNet(rc).to(device).eval()
+    return net.cast_trunk(torch.bfloat16) if rc.dtype == "bfloat16" else net
+
+
+def anysplat_postprocess(cfg: Config) -> AnySplatPostprocess | None:
+    """splats.postprocess 'anysplat': AnySplat's post-processing as the config.json beside
+    model.recon.weights sets it (refused when there is none, or when its SH degree is not the network's)."""
+    if cfg.splats.postprocess != "anysplat":
+        return None
+    from vist3a.weights.locate import require
+
+    rc = cfg.model.recon
+    if rc.source != "pretrained":
+        raise ValueError("splats.postprocess 'anysplat' reads AnySplat's config.json beside model.recon.weights; "
+                         "model.recon.source is 'random' (use splats.postprocess=vist3a)")
+    path = require(rc.weights, cfg.storage, what="model.recon.weights")
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"splats.postprocess 'anysplat' needs AnySplat's config.json beside the weights; "
+                                f"looked for {config} (download it with the weights: hf download lhjiang/anysplat "
+                                "model.safetensors config.json)")
+    post = AnySplatPostprocess.from_config_json(config)
+    if post.sh_degree != rc.sh_degree:
+        raise ValueError(f"{config}: gaussian_adapter.sh_degree {post.sh_degree}, but model.recon.sh_degree is "
+                         f"{rc.sh_degree}")
+    return post
 
 
 def build_stitched_decoder(cfg: Config, vae: nn.Module, device: torch.device | str, *,
@@ -66,9 +92,27 @@ def build_stitched_decoder(cfg: Config, vae: nn.Module, device: torch.device | s
     with seeded(sc.seed):
         stitch = StitchingLayer(sc.spec, in_channels=cfg.model.video.vae.z_dim)
     mean, std = latent_stats(vae)
-    decoder = StitchedDecoder(stitch, recon, sc.cut, mean, std, decode_frames=decode_frames)
+    decoder = StitchedDecoder(stitch, recon, sc.cut, mean, std, decode_frames=decode_frames,
+                              readd_pos_embed=sc.readd_pos_embed, frames_antialias=sc.frames_antialias,
+                              anysplat=anysplat_postprocess(cfg))
     if load_weights and sc.weights:
-        from vist3a.stitching.checkpoint import load_stitch_checkpoint
-
-        load_stitch_checkpoint(decoder, sc.weights, cfg.storage)
+        load_stitch_weights(decoder, cfg)
     return decoder.to(device).eval()
+
+
+def load_stitch_weights(decoder: StitchedDecoder, cfg: Config) -> None:
+    """model.stitch.weights into `decoder`: the release's anysplat_stitched.pth (LoRA alpha and rank from
+    model.stitch) or vist3a's own stitch checkpoint, told apart by their contents."""
+    from vist3a.stitching.checkpoint import load_stitch_checkpoint
+    from vist3a.weights.locate import require
+    from vist3a.weights.release import is_release_checkpoint, load_release_stitch, read_checkpoint_file
+
+    sc = cfg.model.stitch
+    path = require(sc.weights, cfg.storage, what="model.stitch.weights")
+    if not is_release_checkpoint(read_checkpoint_file(path)):
+        load_stitch_checkpoint(decoder, str(path), cfg.storage)
+        return
+    if sc.lora_rank is None or sc.lora_alpha is None:
+        raise ValueError(f"model.stitch.weights {path} is the release's stitched decoder: set model.stitch.lora_rank "
+                         "and model.stitch.lora_alpha (HJGO/VIST3A: 64 and 32; the vist3a presets do)")
+    load_release_stitch(decoder, path, sc.lora_rank, sc.lora_alpha)

@@ -100,6 +100,17 @@ class ReconNet(nn.Module):
             raise ValueError(f"image size {height}x{width} is not a multiple of patch_size {p}")
         return height // p, width // p
 
+    def cast_trunk(self, dtype: torch.dtype) -> "ReconNet":
+        """Encoder and aggregator in `dtype`, the heads kept in float32: how the release runs AnySplat in
+        bfloat16 (its heads' final steps in float32). The heads get the trunk's tokens upcast."""
+        self.aggregator.to(dtype)
+        return self
+
+    def _head_dtype(self) -> torch.dtype:
+        head = next((h for h in (self.camera_head, self.depth_head, self.point_head, self.gaussian_param_head)
+                     if h is not None), None)
+        return next(head.parameters()).dtype if head is not None else self.aggregator.camera_token.dtype
+
     def _like_weights(self, x: Tensor | None) -> Tensor | None:
         """Inputs follow the network's parameter dtype (e.g. float32 frames into a bfloat16 network)."""
         return None if x is None else x.to(self.aggregator.camera_token.dtype)
@@ -141,12 +152,13 @@ class ReconNet(nn.Module):
         return {cut: out[cut] for cut in cuts}
 
     def forward_from(self, cut: str, acts: Tensor, images: Tensor | None = None,
-                     specials: Tensor | None = None) -> ReconOutput:
+                     specials: Tensor | None = None, add_pos_embed: bool = False) -> ReconOutput:
         """Run the network from the patch tokens after block N.
 
         The cls/register tokens are re-entered as their learned block-0 values (cls plus its position
-        embedding; the patch position embedding is not re-added, `acts` already carry it) unless
-        `specials` (from activations(..., return_specials=True)) are given. Only the Gaussian head
+        embedding) unless `specials` (from activations(..., return_specials=True)) are given. The patch
+        position embedding is not re-added (`acts` already carry it) unless `add_pos_embed`: the
+        release's stitched decoder adds it to the stitching layer's output. Only the Gaussian head
         needs `images`; without them gaussian_params is None.
         """
         n = self.cut_index(cut)
@@ -158,12 +170,18 @@ class ReconNet(nn.Module):
             raise ValueError(f"{p} tokens per view do not fill the {grid[0]}x{grid[1]} token grid")
         if specials is None:
             specials = encoder.special_tokens(b * s)
-        x = torch.cat([specials.reshape(b * s, -1, c), acts.reshape(b * s, p, c)], dim=1)
+        acts = acts.reshape(b * s, p, c)
+        if add_pos_embed:
+            acts = acts + encoder.patch_pos_embed(*grid)
+        x = torch.cat([specials.reshape(b * s, -1, c), acts], dim=1)
         x = encoder.run_blocks(x, n + 1, len(encoder.blocks))
         return self._decode(encoder.finish(x).reshape(b, s, p, c), grid, images)
 
     def _decode(self, patch_tokens: Tensor, grid: tuple[int, int], images: Tensor | None) -> ReconOutput:
         layers = self.aggregator(patch_tokens, grid, self.keep_layers)
+        head_dtype = self._head_dtype()
+        layers = {i: t.to(head_dtype) for i, t in layers.items()}
+        images = None if images is None else images.to(head_dtype)
         image_hw = (grid[0] * self.cfg.patch_size, grid[1] * self.cfg.patch_size)
         out = ReconOutput()
         dense = dict(layer_outputs=layers, patch_start=self.aggregator.patch_start_idx, grid=grid,
@@ -171,7 +189,8 @@ class ReconNet(nn.Module):
         if self.camera_head is not None:
             out.pose_enc_list = self.camera_head(layers[self.cfg.aggregator_depth - 1][:, :, 0])
             out.pose_enc = out.pose_enc_list[-1]
-            out.extrinsics, out.intrinsics = pose_encoding_to_extri_intri(out.pose_enc, image_hw)
+            out.extrinsics, out.intrinsics = pose_encoding_to_extri_intri(
+                out.pose_enc, image_hw, focal_eps=1e-3 if self.cfg.conventions == "anysplat" else 0.0)
         if self.depth_head is not None:
             depth, out.depth_conf = split_activate(self.depth_head(**dense), "depth")
             out.depth = depth[..., 0]

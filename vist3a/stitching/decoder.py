@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vist3a.io.frames import resize_frames
+from vist3a.recon.pixel_gaussians import AnySplatPostprocess
 from vist3a.splats.gaussians import Cameras, Gaussians
 from vist3a.stitching.layer import StitchingLayer, frames_from_latent_frames, upsample_time
 from vist3a.video.latents import denormalize
@@ -37,7 +38,15 @@ class StitchedDecoder(nn.Module):
         latents_mean: torch.Tensor,
         latents_std: torch.Tensor,
         decode_frames: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        readd_pos_embed: bool = False,
+        frames_antialias: bool = True,
+        anysplat: AnySplatPostprocess | None = None,
     ):
+        """The options are where the release's stitched forward differs from vist3a's own: it adds the
+        patch position embedding to the stitching output (`readd_pos_embed`), resizes the VAE frames
+        without antialiasing (`frames_antialias=False`) and post-processes the Gaussians as AnySplat's
+        config says (`anysplat`)."""
         super().__init__()
         if cut not in recon.cut_points():
             raise ValueError(f"cut {cut!r} is not a cut point of the reconstruction network (choose from {recon.cut_points()})")
@@ -47,6 +56,9 @@ class StitchedDecoder(nn.Module):
         self.register_buffer("latents_mean", torch.as_tensor(latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
         self.register_buffer("latents_std", torch.as_tensor(latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1), persistent=False)
         self.decode_frames = decode_frames
+        self.readd_pos_embed = readd_pos_embed
+        self.frames_antialias = frames_antialias
+        self.anysplat = anysplat
 
     @property
     def needs_rgb(self) -> bool:
@@ -86,9 +98,11 @@ class StitchedDecoder(nn.Module):
                 raise ValueError("the Gaussian head needs RGB frames: give `frames` or a `decode_frames` function")
             frames = self.decode_frames(latents)
         if frames is not None:
-            frames = resize_frames(frames.float(), self.recon.cfg.img_size)
-        out = self.recon.forward_from(self.cut, tokens, frames)
-        gaussians = to_gaussians(out, frames, voxel_size=voxel_size, min_opacity=min_opacity) if self.needs_rgb else []
+            frames = resize_frames(frames.float(), self.recon.cfg.img_size, antialias=self.frames_antialias)
+        out = self.recon.forward_from(self.cut, tokens, frames, add_pos_embed=self.readd_pos_embed)
+        pixel_offset = 0.0 if self.recon.cfg.conventions == "anysplat" else 0.5
+        gaussians = (to_gaussians(out, frames, voxel_size=voxel_size, min_opacity=min_opacity, anysplat=self.anysplat,
+                                  pixel_offset=pixel_offset) if self.needs_rgb else [])
         size = self.recon.cfg.img_size
         cameras = [Cameras(viewmats=out.extrinsics[i], Ks=out.intrinsics[i], width=size, height=size)
                    for i in range(out.extrinsics.shape[0])]

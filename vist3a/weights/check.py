@@ -134,7 +134,23 @@ def check_weights(cfg, *, fetch: bool = False, deep: bool = True, hub_cache_dir:
     lora = _check_own(cfg, "lora", "model.video.lora", model.video.lora,
                       "no video LoRA (the base Wan model is used)", needed=False, **kw)
     comps += [_check_stitch_file(cfg, stitch), _check_video_lora(cfg, lora)]
+    for comp in comps:
+        _note_source(cfg, comp)
     return WeightsCheck(cfg.preset, comps)
+
+
+def _note_source(cfg, comp: ComponentCheck) -> None:
+    """Where a component that is in place came from: hub id, licence and the line that fetches it,
+    so a check that passes still says what the user is bound by."""
+    if comp.status != "ok" or not comp.spec:
+        return
+    release = {"video": _release_for_video(cfg), "recon": _release_for_recon(cfg)}.get(comp.name)
+    if classify(comp.spec) == "hub":
+        repo = hub_parts(comp.spec)[0]
+        release = next((r for r in RELEASES.values() if r.repo == repo), release)
+        comp.notes.append(f"source: {comp.spec} ({hub_download_command(comp.spec, release.local_dir if release else 'DIR')})")
+    if release is not None:
+        comp.notes.append(f"licence ({release.repo}): {release.licence}")
 
 
 def prepare_weights(cfg, *, fetch: bool = True, hub_cache_dir: str | None = None):

@@ -20,7 +20,6 @@ plain network exactly as fast as the original.
 from __future__ import annotations
 
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,13 +54,13 @@ def read_checkpoint_file(path: str | Path, what: str = "model.stitch.weights") -
         raise WeightsError(f"{what}: {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        size = path.stat().st_size
-        raise WeightsError(f"{what}: {path} ({size} bytes) cannot be read as a torch checkpoint "
-                           f"(truncated or not a .pth file?): {type(exc).__name__}: {str(exc)[:200]}") from None
-    except Exception as exc:  # noqa: BLE001 - weights_only refuses pickled objects: say so, naming the file
-        raise WeightsError(f"{what}: {path} holds more than tensors and plain data, refused by "
-                           f"torch.load(weights_only=True): {type(exc).__name__}: {str(exc)[:200]}") from None
+    except Exception as exc:  # noqa: BLE001 - every way a file fails to load is reported naming it
+        detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+        if "Weights only load failed" in str(exc):
+            raise WeightsError(f"{what}: {path} holds more than tensors and plain data, refused by "
+                               f"torch.load(weights_only=True): {detail}") from None
+        raise WeightsError(f"{what}: {path} ({path.stat().st_size} bytes) cannot be read as a torch checkpoint "
+                           f"(truncated or not a .pth file?): {detail}") from None
     if not isinstance(payload, dict):
         raise WeightsError(f"{what}: {path} holds a {type(payload).__name__}, not a dict of tensors")
     return payload
@@ -137,7 +136,7 @@ def plan_release(payload: dict, recon: nn.Module, cut: str, stitch: nn.Module, r
     report.ignored["mask_token"] = MASK_TOKEN_REASON
 
     # Which cut was the file made at? The renumbered DINO blocks after it tell.
-    k = int(cut.split(".")[1]) + 1
+    k = recon.cut_index(cut) + 1
     names = {key: key.removeprefix("encoder.") for key in lora if key.startswith("encoder.")}
     blocks = _file_blocks(list(names.values()))
     if blocks:
