@@ -124,6 +124,7 @@ def write_scenes(batch: dict, output: str, storage: dict, ply_sh_degree: int) ->
                     status="done", scene_uri=uris["scene.ply"], preview_uri=uris.get("preview.png"),
                     cameras_uri=uris["cameras.json"], num_gaussians=meta["num_gaussians"],
                     bbox_min=meta["bbox_min"], bbox_max=meta["bbox_max"], preset=meta["preset"],
+                    negative_prompt=meta["negative_prompt"], prompt_template=meta["prompt_template"],
                     weights_fingerprint=meta["weights_fingerprint"], write_s=time.perf_counter() - t0,
                     **{k: meta["timings"].get(k) for k in ("sample_s", "decode_s", "render_s")},
                 )

@@ -98,9 +98,17 @@ def test_s3_round_trip(tmp_path, s3_bucket, ray_local):
 
     write_text(f"s3://{s3_bucket}/prompts/p.txt", "a windmill\na harbour at night\n")
     out = f"s3://{s3_bucket}/ds"
-    run(_cfg(f"s3://{s3_bucket}/prompts/", out))
+    cfg = _cfg(f"s3://{s3_bucket}/prompts/", out)
+    # a template and a default negative prompt, as the vist3a presets have: rows (txt: none of their own)
+    # get the default; users see their own prompt, the manifest and meta.json what the model was given
+    cfg = cfg.model_copy(update={"sampling": cfg.sampling.model_copy(
+        update={"prompt_template": "an orbit around `{prompt}`", "negative_prompt": "blurry"})})
+    run(cfg)
     rows = _check_consistent(out)
     assert sorted(r["prompt"] for r in rows) == ["a harbour at night", "a windmill"]
+    assert {(r["negative_prompt"], r["prompt_template"]) for r in rows} == {("blurry", "an orbit around `{prompt}`")}
+    meta = json.loads(read_bytes(rows[0]["scene_uri"][:-4] + ".meta.json"))
+    assert meta["prompt"] == rows[0]["prompt"] and meta["prompt_template"] == "an orbit around `{prompt}`"
     assert exists(f"{out}/manifest.parquet")
 
 

@@ -31,7 +31,7 @@ SHARD_CHARS = 2  # 256 shards: keeps directories and S3 prefixes small
 MANIFEST_SCHEMA = pa.schema([
     ("id", pa.string()),
     ("prompt", pa.string()),
-    ("negative_prompt", pa.string()),
+    ("negative_prompt", pa.string()),     # the one used: the row's, else sampling.negative_prompt
     ("seed", pa.int64()),
     ("source", pa.string()),
     ("status", pa.string()),              # done | failed
@@ -47,6 +47,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("render_s", pa.float64()),
     ("write_s", pa.float64()),
     ("preset", pa.string()),
+    ("prompt_template", pa.string()),     # sampling.prompt_template the video model saw the prompt in
     ("weights_fingerprint", pa.string()),
     ("vist3a_version", pa.string()),
     ("finished_at", pa.timestamp("ms", tz="UTC")),
