@@ -156,6 +156,8 @@ def test_serve_config_files_follow_serve_schema_and_build_configs(repo_root):
     assert docs["serve.yaml"]["http_options"]["host"] == "127.0.0.1"
     assert config_from_args(docs["serve.yaml"]["applications"][0]["args"]).serve.api_key_env is None
     assert config_from_args(docs["serve.cluster.yaml"]["applications"][0]["args"]).serve.api_key_env == "VIST3A_API_KEY"
+    for name in ("serve.cluster.yaml", "rayservice"):  # the cluster endpoints serve the released model
+        assert config_from_args(docs[name]["applications"][0]["args"]).preset == "vist3a-1.3b", name
     with pytest.raises(ConfigError, match="serve.max_steps"):
         config_from_args({"config": {"serve": {"max_steps": 0}}})
     with pytest.raises(ConfigError, match="unknown application args: confg"):
