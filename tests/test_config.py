@@ -15,7 +15,7 @@ def test_deploy_local_yaml_is_valid():
 
 
 @pytest.mark.parametrize("name", ["generate.yaml", "generate.cluster.yaml", "stitch.yaml", "stitch.cluster.yaml",
-                                  "align.yaml", "align.cluster.yaml"])
+                                  "align.yaml", "align.cluster.yaml", "vist3a.yaml"])
 def test_every_job_config_in_deploy_is_valid(name):
     cfg = load_config(f"deploy/{name}")
     if name.endswith(".cluster.yaml"):
