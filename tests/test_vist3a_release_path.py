@@ -182,3 +182,19 @@ def test_anysplat_postprocess_needs_its_config_json(release_dir, tmp_path):
     cfg = load_config(None, _overrides(release_dir) + [f"model.recon.weights={bare}"])
     with pytest.raises(FileNotFoundError, match=r"looked for .*bare/config.json"):
         SceneGenerator(cfg)
+
+
+def test_weights_check_lists_every_release_file_with_its_fetch_line_and_licence(tmp_path, repo_root):
+    from vist3a.weights import check_weights
+
+    result = check_weights(load_config(None, ["preset=vist3a-1.3b"]), deep=False, hub_cache_dir=str(tmp_path))
+    text = str(result)
+    assert not result.ok
+    for line in ("hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir weights/wan2.1-t2v-1.3b",
+                 "hf download lhjiang/anysplat model.safetensors config.json --local-dir weights/anysplat",
+                 "hf download HJGO/VIST3A anysplat_stitched.pth --local-dir weights/vist3a",
+                 'hf download HJGO/VIST3A --include "vist3a_1.3b_lora_ema/*" --local-dir weights/vist3a'):
+        assert line in text, line
+    assert "no licence file in the release" in text and "non-commercial" in text
+    local = check_weights(load_config(f"{repo_root}/deploy/vist3a.yaml"), deep=False)  # local copies not there yet
+    assert 'hf download HJGO/VIST3A --include "vist3a_1.3b_lora_ema/*"' in str(local)

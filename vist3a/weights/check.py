@@ -344,10 +344,23 @@ def _check_own(cfg, name: str, key: str, spec: str | None, unset_note: str, *, n
     def hints() -> list[str]:
         if classify(spec) == "hub":
             return _fetch_hints(spec, key, None, cfg.preset)
+        released = _preset_default(cfg.preset, key)
+        if released and classify(released) == "hub":  # a local copy of what the preset fetches: say where from
+            return _fetch_hints(released, key, None, cfg.preset)
         return [f"point {key} at the checkpoint written by the stitching/fine-tuning job (or the release's file), "
                 "or unset it"]
 
     return _locate(cfg, name, key, spec, fetch=fetch, hub_cache_dir=hub_cache_dir, hints=hints)
+
+
+def _preset_default(preset: str, key: str) -> str | None:
+    """The preset's own value of a dotted config key (e.g. its hub reference for model.stitch.weights)."""
+    from vist3a.presets import PRESETS
+
+    node = PRESETS.get(preset, {})
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node if isinstance(node, str) else None
 
 
 def _check_stitch_file(cfg, comp: ComponentCheck) -> ComponentCheck:
