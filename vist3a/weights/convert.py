@@ -39,6 +39,15 @@ RECON_IGNORED = (
     ("distill_", "AnySplat's frozen VGGT teacher copy: used only by its distillation training"),
 )
 CHECKPOINT_NAMES = ("model.safetensors", "model.pt", "model.pth", "pytorch_model.bin")
+DECODER_REASON = "AnySplat's rasterising decoder: vist3a renders with its own renderer"
+
+
+def ignore_reason(name: str, heads: tuple[str, ...]) -> str | None:
+    """Why a released key (layout prefix removed) is deliberately not loaded, or None when it should be."""
+    reason = next((why for p, why in RECON_IGNORED if name.startswith(p)), None)
+    if reason is None and any(name.startswith(RECON_HEADS[h] + ".") for h in RECON_HEADS if h not in heads):
+        reason = f"head not built by this config (model.recon.heads = {list(heads)})"
+    return reason
 
 
 class CheckpointMismatchError(ValueError):
@@ -230,20 +239,17 @@ def plan_recon(shapes: Mapping[str, tuple], dtypes: Mapping[str, torch.dtype] | 
     except CheckpointMismatchError as exc:
         report.problems.append(str(exc))
         return Plan({}, report)
-    not_built = {prefix_ + "." for name, prefix_ in RECON_HEADS.items() if name not in heads}
     entries: dict[str, tuple[str, Callable | None]] = {}
     for key in keys:
         if not key.startswith(prefix):
             rest = key.removeprefix("model.")
             if prefix.endswith("encoder.") and rest.startswith("decoder."):
-                report.ignored[key] = "AnySplat's rasterising decoder: vist3a renders with its own renderer"
+                report.ignored[key] = DECODER_REASON
             else:
                 report.unexpected[key] = tuple(shapes[key])
             continue
         name = key[len(prefix):]
-        reason = next((why for p, why in RECON_IGNORED if name.startswith(p)), None)
-        if reason is None and any(name.startswith(p) for p in not_built):
-            reason = f"head not built by this config (model.recon.heads = {list(heads)})"
+        reason = ignore_reason(name, tuple(heads))
         if reason is not None:
             report.ignored[key] = reason
             continue

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vist3a.weights.convert import RECON_HEADS, RECON_IGNORED, CheckpointMismatchError, ConversionReport
+from vist3a.weights.convert import DECODER_REASON, CheckpointMismatchError, ConversionReport, ignore_reason
 from vist3a.weights.locate import WeightsError
 
 FORMAT_NAME = "VIST3A release (anysplat_stitched.pth)"
@@ -148,21 +148,16 @@ def plan_release(payload: dict, recon: nn.Module, cut: str, stitch: nn.Module, r
             return plan
 
     modules = {n: m for n, m in recon.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
-    not_built = {p + "." for h, p in RECON_HEADS.items() if h not in tuple(recon.cfg.heads)}
     layers: dict[str, dict[str, str]] = {}
     for key in lora:
         if key not in names:
-            why = ("AnySplat's rasterising decoder: vist3a renders with its own renderer"
-                   if key.startswith("decoder.") else None)
-            if why:
-                report.ignored[key] = why
+            if key.startswith("decoder."):
+                report.ignored[key] = DECODER_REASON
             else:
                 report.unexpected[key] = shapes[key]
             continue
         name = names[key]
-        reason = next((why for p, why in RECON_IGNORED if name.startswith(p)), None)
-        if reason is None and any(name.startswith(p) for p in not_built):
-            reason = f"head not built by this config (model.recon.heads = {list(recon.cfg.heads)})"
+        reason = ignore_reason(name, tuple(recon.cfg.heads))
         if reason is not None:
             report.ignored[key] = reason
             continue
