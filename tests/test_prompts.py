@@ -83,3 +83,68 @@ def test_every_row_has_id_and_seed(tmp_path):
     table, _ = read_prompts(str(tmp_path))
     for row in table.to_pylist():
         assert row["id"] and isinstance(row["seed"], int), row
+
+
+# ----------------------------------------------------------------------------- ids from users (issue 14)
+
+UNSAFE_IDS = ["../../../escaped-scene", "a/b", "/abs", "..", ".hidden", "nul\x00byte", "x" * 129, "sp ace", "é"]
+
+
+def test_unsafe_given_ids_are_refused_naming_the_rule(tmp_path):
+    from vist3a.ids import ID_RULE
+
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(json.dumps({"id": i, "prompt": f"a red canyon at night {k}"}) for k, i in enumerate(UNSAFE_IDS))
+                 + "\n" + json.dumps({"id": "ok-id_1.v2", "prompt": "fine"}) + "\n" + json.dumps({"id": 17, "prompt": "n"}) + "\n")
+    rows = _by_source(read_prompts(str(f))[0])
+    for k, given in enumerate(UNSAFE_IDS, start=1):
+        r = rows[f"p.jsonl:{k}"]
+        assert r["error"].startswith("bad id ") and ID_RULE in r["error"], r
+        assert repr(given[:80]) in r["error"]
+        assert r["id"].startswith("invalid-") and "/" not in r["id"] and "." not in r["id"]
+    assert len(rows["p.jsonl:7"]["error"]) < 300  # an over-long id is shortened in the message
+    assert rows[f"p.jsonl:{len(UNSAFE_IDS) + 1}"]["id"] == "ok-id_1.v2"
+    assert rows[f"p.jsonl:{len(UNSAFE_IDS) + 2}"]["id"] == "17"
+
+
+def test_every_path_built_from_an_id_refuses_unsafe_ones(tmp_path):
+    from vist3a.dataset import scene_uri, write_scene
+
+    for bad in UNSAFE_IDS:
+        with pytest.raises(ValueError, match="bad id"):
+            scene_uri(str(tmp_path), bad)
+        with pytest.raises(ValueError, match="bad id"):
+            write_scene(str(tmp_path), bad, {"scene.ply": b"x"})
+    assert not list(tmp_path.parent.glob("escaped-scene*")) and not list(tmp_path.rglob("*"))
+
+
+# ----------------------------------------------------------------------------- dedup after validation (issue 14)
+
+
+def test_a_valid_row_wins_over_a_bad_row_with_the_same_content_id(tmp_path):
+    (tmp_path / "p.jsonl").write_text("\n".join([
+        json.dumps({"prompt": "a red barn", "seed": "nope"}),     # bad seed: the content id of "a red barn"
+        json.dumps({"prompt": "a red barn"}),                      # valid, same content id
+        json.dumps({"id": "x", "prompt": "a tower", "seed": -1}),  # bad row with an explicit id ...
+        json.dumps({"id": "x", "prompt": "a tower"}),              # ... and the valid row with it
+    ]) + "\n")
+    rows = _by_source(read_prompts(str(tmp_path))[0])
+    assert rows["p.jsonl:2"]["id"] == prompt_id("a red barn") and rows["p.jsonl:2"]["error"] is None
+    assert rows["p.jsonl:1"]["id"].startswith("invalid-") and "bad seed 'nope'" in rows["p.jsonl:1"]["error"]
+    assert rows["p.jsonl:4"]["id"] == "x" and rows["p.jsonl:4"]["error"] is None
+    assert rows["p.jsonl:3"]["id"].startswith("invalid-") and "bad seed -1" in rows["p.jsonl:3"]["error"]
+
+
+def test_a_duplicate_explicit_id_with_another_prompt_is_a_failed_row_that_says_so(tmp_path):
+    (tmp_path / "p.jsonl").write_text("\n".join([
+        json.dumps({"id": "scene-1", "prompt": "a castle"}),
+        json.dumps({"id": "scene-1", "prompt": "a castle"}),      # the same row again: a plain duplicate
+        json.dumps({"id": "scene-1", "prompt": "a lighthouse"}),  # the same id, another prompt: a conflict
+    ]) + "\n")
+    table, stats = read_prompts(str(tmp_path))
+    rows = _by_source(table)
+    assert set(rows) == {"p.jsonl:1", "p.jsonl:3"} and stats["duplicates"] == 1 and stats["conflicts"] == 1
+    assert rows["p.jsonl:1"]["id"] == "scene-1" and rows["p.jsonl:1"]["error"] is None
+    err = rows["p.jsonl:3"]["error"]
+    assert err == "duplicate id 'scene-1' with a different prompt than p.jsonl:1 (which keeps the id)"
+    assert rows["p.jsonl:3"]["id"] != "scene-1" and len(set(table.column("id").to_pylist())) == 2

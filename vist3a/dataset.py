@@ -24,6 +24,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vist3a.ids import check_id
 from vist3a.io.uri import filesystem, join, write_bytes
 
 SHARD_CHARS = 2  # 256 shards: keeps directories and S3 prefixes small
@@ -62,7 +63,9 @@ def shard_of(scene_id: str) -> str:
 
 
 def scene_uri(output: str, scene_id: str, name: str = "scene.ply") -> str:
-    """Where file `name` (a key of SCENE_FILES) of scene `scene_id` lives."""
+    """Where file `name` (a key of SCENE_FILES) of scene `scene_id` lives. An id outside vist3a.ids.ID_RULE
+    is refused (ValueError): no path is ever built from one."""
+    check_id(scene_id)
     return join(output, "scenes", shard_of(scene_id), scene_id + SCENE_FILES[name])
 
 

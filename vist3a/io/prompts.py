@@ -3,6 +3,9 @@
 Every input row becomes a row of one table (`PROMPT_SCHEMA`); a row that cannot be used keeps
 its place with `error` set, so a job records it as failed instead of crashing. Ids are stable
 (from content unless given), duplicate prompts collapse to one id, and seeds derive from ids.
+A given id must follow vist3a.ids.ID_RULE (it names files): other ids are refused, not mapped.
+Duplicates are resolved after validation: a valid row wins its id over bad rows, and a second row
+giving the same id for a different prompt is recorded as failed, saying so.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vist3a.ids import prompt_id, seed_from
+from vist3a.ids import id_problem, prompt_id, seed_from
 from vist3a.io.uri import filesystem, is_s3
 
 FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
@@ -139,11 +142,16 @@ def _parse_seed(value) -> tuple[int | None, str | None]:
     return value, None
 
 
+def invalid_id(source) -> str:
+    """The id a row that cannot keep its own gets: stable, from where the row came from."""
+    return "invalid-" + prompt_id(str(source))
+
+
 def normalise_row(raw: dict) -> dict:
     """One raw input row -> a PROMPT_SCHEMA row (error set when unusable; the job records it as failed)."""
     row = {"id": None, "prompt": None, "negative_prompt": "", "seed": None, "source": raw.get("source"), "error": raw.get("error")}
     if row["error"]:
-        row["id"] = "invalid-" + prompt_id(str(raw.get("source")))
+        row["id"] = invalid_id(raw.get("source"))
         row["seed"] = seed_from(row["id"])
         return row
     prompt = raw.get("prompt")
@@ -159,12 +167,19 @@ def normalise_row(raw: dict) -> dict:
         row["prompt"] = " ".join(prompt.split())
         row["negative_prompt"] = " ".join(neg.split())
     given_id = raw.get("id")
-    if given_id is not None and str(given_id).strip():
-        row["id"] = str(given_id).strip()
+    if isinstance(given_id, int) and not isinstance(given_id, bool):
+        given_id = str(given_id)  # {"id": 17} names the same scene as {"id": "17"}
+    if isinstance(given_id, str):
+        given_id = given_id.strip()
+    if given_id is not None and given_id != "" and (problem := id_problem(given_id)):
+        row["error"] = problem  # refused, not mapped: the row is recorded failed under an id of its own
+        row["id"] = invalid_id(raw.get("source"))
+    elif given_id is not None and given_id != "":
+        row["id"] = given_id
     elif row["error"] is None:
         row["id"] = prompt_id(row["prompt"], row["negative_prompt"])
     else:
-        row["id"] = "invalid-" + prompt_id(str(raw.get("source")))
+        row["id"] = invalid_id(raw.get("source"))
     seed, seed_error = _parse_seed(raw.get("seed"))
     if seed_error and row["error"] is None:
         row["error"] = seed_error
@@ -173,22 +188,58 @@ def normalise_row(raw: dict) -> dict:
 
 
 def read_prompts(uri: str, storage=None) -> tuple[pa.Table, dict]:
-    """Read every prompt file under `uri` into one PROMPT_SCHEMA table; duplicates collapse to one id.
+    """Read every prompt file under `uri` into one PROMPT_SCHEMA table, one row per id.
 
-    Returns the table and stats: rows read, duplicates collapsed, invalid rows.
-    """
-    rows, seen = [], set()
-    stats = {"files": 0, "rows": 0, "duplicates": 0, "invalid": 0}
+    Rows are validated first, then deduplicated (`deduplicate`). Returns the table and stats: files,
+    rows read, duplicates collapsed, conflicting ids, invalid rows."""
+    rows = []
+    stats = {"files": 0, "rows": 0}
     for f in list_inputs(uri, storage):
         fs, path = filesystem(f, storage)
         stats["files"] += 1
         for raw in _raw_rows(f, fs.cat_file(path)):
             stats["rows"] += 1
-            row = normalise_row(raw)
-            if row["id"] in seen:
+            rows.append(normalise_row(raw))
+    rows, dedup = deduplicate(rows)
+    stats.update(dedup, invalid=sum(r["error"] is not None for r in rows))
+    return pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA), stats
+
+
+def deduplicate(rows: list[dict]) -> tuple[list[dict], dict]:
+    """One row per id, in input order, after validation:
+
+    - a valid row wins its id: the first valid row with an id keeps it, whatever bad rows came before;
+    - a later valid row with the same id and the same prompt, negative prompt and seed is a duplicate
+      (collapsed); with a different one it is a conflict, kept as a failed row that says so;
+    - a bad row whose id is taken (by a valid row, or an earlier bad one) keeps its error under an id of
+      its own (from its source), so no bad row hides a good one and every bad row is reported."""
+    winner: dict[str, dict] = {}
+    for row in rows:
+        if row["error"] is None:
+            winner.setdefault(row["id"], row)
+    out, taken = [], set()
+    stats = {"duplicates": 0, "conflicts": 0}
+    for row in rows:
+        rid = row["id"]
+        if row["error"] is None:
+            first = winner[rid]
+            if first is row:
+                out.append(row)
+                taken.add(rid)
+                continue
+            differ = [k for k in ("prompt", "negative_prompt", "seed") if row[k] != first[k]]
+            if not differ:
                 stats["duplicates"] += 1
                 continue
-            seen.add(row["id"])
-            stats["invalid"] += row["error"] is not None
-            rows.append(row)
-    return pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA), stats
+            stats["conflicts"] += 1
+            row = {**row, "id": invalid_id(row["source"]),
+                   "error": f"duplicate id {rid!r} with a different {' and '.join(differ)} than {first['source']} "
+                            f"(which keeps the id)"}
+        elif rid in taken or rid in winner:
+            row = {**row, "id": invalid_id(row["source"])}
+        if row["id"] in taken:  # the same bad source twice (equal file names in two directories)
+            stats["duplicates"] += 1
+            continue
+        taken.add(row["id"])
+        out.append(row)
+    return out, stats
