@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import time
 
@@ -132,6 +133,23 @@ def test_run_batch_isolates_a_failing_item_and_groups_by_settings(tmp_path):
             assert ply["vertex"].count == 3 + len(job["prompt"]) == rec["result"]["num_gaussians"]
         else:
             assert store.read_file(job["id"], "scene.ply") is None and rec["reason"] == o["reason"]
+
+
+def test_meta_records_the_steps_and_guidance_a_request_used(tmp_path, one_torch_thread):
+    """A request's steps/guidance, not the config's, are what meta.json (and the record) say was used."""
+    from pipelines.serve import run_batch
+    from vist3a.config import build_config
+    from vist3a.generator import SceneGenerator
+
+    gen = SceneGenerator(build_config({}, ["sampling.steps=3", "sampling.guidance=7.5", "splats.preview_views=0"]))
+    store = SceneStore(str(tmp_path))
+    jobs = [{"id": new_scene_id(), "prompt": "a red barn", "seed": 1, "steps": 2, "guidance": 3.5},
+            {"id": new_scene_id(), "prompt": "a red barn", "seed": 1, "steps": None, "guidance": None}]
+    out = run_batch(gen, store, jobs, ply_sh_degree=0)
+    assert [o["status"] for o in out] == ["done", "done"], out
+    used = [json.loads(store.read_file(j["id"], "meta.json"))["sampling"] for j in jobs]
+    assert (used[0]["steps"], used[0]["guidance"]) == (2, 3.5)
+    assert (used[1]["steps"], used[1]["guidance"]) == (3, 7.5)  # no override: the config's
 
 
 # ----------------------------------------------------------------------------- config files

@@ -55,6 +55,8 @@ class Scene:
     previews: list[Image.Image]
     timings: dict[str, float] = field(default_factory=dict)
     negative_prompt: str = ""
+    steps: int | None = None         # the sampling steps and guidance this scene was generated with
+    guidance: float | None = None
 
     @property
     def num_gaussians(self) -> int:
@@ -127,9 +129,10 @@ class SceneGenerator:
             if reason:
                 raise ValueError(f"prompt {p!r:.60}: {reason}")
         n = len(prompts)
+        steps, guidance = steps or s.steps, s.guidance if guidance is None else guidance
         t0 = time.perf_counter()
         latents = self.video.sample(
-            [self.model_prompt(p) for p in prompts], seeds, steps=steps or s.steps, guidance=s.guidance if guidance is None else guidance,
+            [self.model_prompt(p) for p in prompts], seeds, steps=steps, guidance=guidance,
             shift=s.shift, frames=s.frames, height=s.height, width=s.width, negative_prompt=negative_prompts,
         )
         t1 = time.perf_counter()
@@ -145,7 +148,7 @@ class SceneGenerator:
             scenes.append(Scene(
                 prompt=prompts[i], seed=int(seeds[i]), negative_prompt=negative_prompts[i],
                 gaussians=g.to("cpu"), cameras=decoded.cameras[i].to("cpu"),
-                previews=previews,
+                previews=previews, steps=steps, guidance=guidance,
                 timings={"sample_s": (t1 - t0) / n, "decode_s": (t2 - t1) / n, "render_s": render_s},
             ))
         return scenes
@@ -159,7 +162,9 @@ class SceneGenerator:
             "seed": scene.seed,
             "preset": self.cfg.preset,
             "weights_fingerprint": self.fingerprint,
-            "sampling": self.cfg.sampling.model_dump(),
+            # the settings this scene was sampled with (a request's steps/guidance over the config's)
+            "sampling": {**self.cfg.sampling.model_dump(),
+                         **{k: v for k, v in (("steps", scene.steps), ("guidance", scene.guidance)) if v is not None}},
             "num_gaussians": scene.num_gaussians,
             "bbox_min": lo,
             "bbox_max": hi,
