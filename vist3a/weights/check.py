@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from vist3a.weights.convert import (
     plan_recon_checkpoint,
 )
 from vist3a.weights.locate import Location, WeightsError, classify, hub_download_command, hub_parts, hub_repo, resolve
+
+if TYPE_CHECKING:  # the schema imports nothing from here; only annotations need it
+    from vist3a.config import Config
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,7 @@ class WeightsCheck:
         return type(cfg).model_validate(data)
 
 
-def check_weights(cfg, *, fetch: bool = False, deep: bool = True, hub_cache_dir: str | None = None) -> WeightsCheck:
+def check_weights(cfg: Config, *, fetch: bool = False, deep: bool = True, hub_cache_dir: str | None = None) -> WeightsCheck:
     """Check every weight the config loads. `fetch` downloads remote locations that are not cached
     (s3:// prefixes, hub ids); `deep` also matches the Wan files' tensor names and shapes against
     the modules the preset describes (built on the meta device: no memory, a few seconds)."""
@@ -139,7 +143,7 @@ def check_weights(cfg, *, fetch: bool = False, deep: bool = True, hub_cache_dir:
     return WeightsCheck(cfg.preset, comps)
 
 
-def _note_source(cfg, comp: ComponentCheck) -> None:
+def _note_source(cfg: Config, comp: ComponentCheck) -> None:
     """Where a component that is in place came from: hub id, licence and the line that fetches it,
     so a check that passes still says what the user is bound by."""
     if comp.status != "ok" or not comp.spec:
@@ -153,7 +157,7 @@ def _note_source(cfg, comp: ComponentCheck) -> None:
         comp.notes.append(f"licence ({release.repo}): {release.licence}")
 
 
-def prepare_weights(cfg, *, fetch: bool = True, hub_cache_dir: str | None = None):
+def prepare_weights(cfg: Config, *, fetch: bool = True, hub_cache_dir: str | None = None) -> tuple[Config, WeightsCheck]:
     """Start-up check for generation: -> cfg with local weight paths, or WeightsError whose message
     is the full check (what is missing, where we looked, how to fetch it)."""
     result = check_weights(cfg, fetch=fetch, deep=False, hub_cache_dir=hub_cache_dir)
@@ -165,12 +169,12 @@ def prepare_weights(cfg, *, fetch: bool = True, hub_cache_dir: str | None = None
 # ----------------------------------------------------------------------------- components
 
 
-def _release_for_video(cfg) -> Release | None:
+def _release_for_video(cfg: Config) -> Release | None:
     layers = cfg.model.video.transformer.num_layers
     return RELEASES.get({30: "wan2.1-1.3b", 40: "wan2.1-14b"}.get(layers, ""))
 
 
-def _release_for_recon(cfg) -> Release:
+def _release_for_recon(cfg: Config) -> Release:
     return RELEASES["anysplat" if "gaussians" in cfg.model.recon.heads else "vggt-1b"]
 
 
@@ -203,7 +207,7 @@ def _fetch_hints(spec: str, key: str, release: Release | None, preset: str) -> l
     return hints
 
 
-def _check_video(cfg, *, deep: bool, fetch: bool, hub_cache_dir) -> ComponentCheck:
+def _check_video(cfg: Config, *, deep: bool, fetch: bool, hub_cache_dir) -> ComponentCheck:
     video = cfg.model.video
     key = "model.video.weights"
     if video.source == "random":
@@ -305,7 +309,7 @@ def _wan_key_reports(root: Path, video, shards: dict[str, list[Path]]) -> list[C
     return reports
 
 
-def _check_recon(cfg, *, fetch: bool, hub_cache_dir) -> ComponentCheck:
+def _check_recon(cfg: Config, *, fetch: bool, hub_cache_dir) -> ComponentCheck:
     rc = cfg.model.recon
     key = "model.recon.weights"
     if rc.source == "random":
@@ -333,7 +337,7 @@ def _check_recon(cfg, *, fetch: bool, hub_cache_dir) -> ComponentCheck:
     return comp
 
 
-def _check_own(cfg, name: str, key: str, spec: str | None, unset_note: str, *, needed: bool, fetch: bool,
+def _check_own(cfg: Config, name: str, key: str, spec: str | None, unset_note: str, *, needed: bool, fetch: bool,
                hub_cache_dir) -> ComponentCheck:
     """Our own checkpoints (stitching layer, LoRA): present or not; unset is a note, not an error."""
     if not spec:
@@ -363,7 +367,7 @@ def _preset_default(preset: str, key: str) -> str | None:
     return node if isinstance(node, str) else None
 
 
-def _check_stitch_file(cfg, comp: ComponentCheck) -> ComponentCheck:
+def _check_stitch_file(cfg: Config, comp: ComponentCheck) -> ComponentCheck:
     """The stitch file must fit the configured decoder: the release's .pth (planned on a meta-device
     network, so wrong cut, spec, rank or layers show here) or vist3a's own checkpoint."""
     if comp.status != "ok" or comp.location is None:
@@ -403,7 +407,7 @@ def _check_stitch_file(cfg, comp: ComponentCheck) -> ComponentCheck:
     return comp
 
 
-def _check_video_lora(cfg, comp: ComponentCheck) -> ComponentCheck:
+def _check_video_lora(cfg: Config, comp: ComponentCheck) -> ComponentCheck:
     """A peft adapter directory whose target modules and shapes fit the configured Wan transformer
     (built on the meta device: a 14B adapter given to the 1.3B preset shows here)."""
     if comp.status != "ok" or comp.location is None:
@@ -426,7 +430,7 @@ def _check_video_lora(cfg, comp: ComponentCheck) -> ComponentCheck:
     return comp
 
 
-def _locate(cfg, name: str, key: str, spec: str, *, fetch: bool, hub_cache_dir, hints, allow_patterns=None
+def _locate(cfg: Config, name: str, key: str, spec: str, *, fetch: bool, hub_cache_dir, hints, allow_patterns=None
             ) -> ComponentCheck:
     """Resolve `spec`; status "ok" (location set), "invalid" (with the reason) or "missing" (with hints())."""
     comp = ComponentCheck(name, key, spec, "ok")
