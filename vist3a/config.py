@@ -231,6 +231,30 @@ class RayConfig(Strict):
     progress_bars: bool = True
 
 
+#: Per-scene scores by group (what `generate.scores` and `evaluate.metrics` name) and the columns each
+#: group fills in meta.json's "scores", the manifest and the evaluation's per-scene table. vist3a.scores
+#: computes them; README "Scene scores" says what each means and its range.
+SCORE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "consistency": ("consistency_psnr", "consistency_ssim"),
+    "splats": ("opacity_mean", "transparent_frac", "scale_median_rel", "scale_p99_rel"),
+    "floaters": ("floater_frac",),
+    "cameras": ("camera_ok", "camera_jump", "camera_max_turn_deg"),
+    "clip": ("clip_score",),
+    "aesthetic": ("aesthetic",),
+}
+#: groups that need a scorer model (evaluate.scorers); the others need none
+MODEL_SCORES = ("clip", "aesthetic")
+
+
+def known_scores(names: list[str]) -> list[str]:
+    unknown = [n for n in names if n not in SCORE_COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown score(s) {unknown}; known: {', '.join(SCORE_COLUMNS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"score names repeat: {names}")
+    return list(names)
+
+
 class GenerateJobConfig(Strict):
     """pipelines.generate: prompt set in, scenes + Parquet manifest out (resumable)."""
 
@@ -245,6 +269,15 @@ class GenerateJobConfig(Strict):
     validators: int = Field(1, ge=1, description="prompt-validation actors (tokenizer only)")
     retry_failed: bool = Field(False, description="regenerate ids recorded as failed by an earlier run")
     progress_every_s: float = Field(10.0, gt=0.0)
+    scores: list[str] = Field(default_factory=list, description=(
+        "per-scene scores computed where each scene is made (bulk job, Serve, vist3a generate), written to meta.json "
+        "and the manifest: any of consistency, splats, floaters, cameras, clip, aesthetic; [] (default) skips "
+        "scoring; the scorers and how views are rendered: evaluate.scorers"))
+
+    @field_validator("scores")
+    @classmethod
+    def _scores(cls, v: list[str]) -> list[str]:
+        return known_scores(v)
 
 
 class ServeJobConfig(Strict):
@@ -262,6 +295,9 @@ class ServeJobConfig(Strict):
     max_queued_generations: int = Field(32, ge=1, description="accepted-but-unfinished scenes; past this POST answers 503")
     retry_after_s: int = Field(5, ge=1, description="Retry-After (seconds) sent with 503 when the queue is full")
     retention_check_s: float = Field(60.0, gt=0, description="how often (at most) an ingress replica applies the retention limits")
+    lease_s: float = Field(30.0, gt=0, description="an accepted job's lease: the ingress replica holding it renews it; "
+                                                   "past it, any ingress replica takes the job over and dispatches it again")
+    max_attempts: int = Field(3, ge=1, description="dispatches of one job (model replica deaths, lost ingress) before it is failed")
 
 
 #: Stitched fine-tuning loss terms and their default weights (the paper's, plus the rendering loss).
@@ -401,6 +437,57 @@ class AlignJobConfig(TrainJobConfig):
         return self
 
 
+class ScorersConfig(Strict):
+    """The scorer models and how views are rendered for scoring (generate.scores and pipelines.evaluate)."""
+
+    clip: str | None = Field(None, description="CLIP for clip_score in transformers' format: directory, s3:// or hub id "
+                                               "(the paper: ViT-B/16, openai/clip-vit-base-patch16)")
+    clip_tokenizer: str | None = Field(None, description="where the CLIP's tokenizer/preprocessor are, when not beside it")
+    aesthetic_clip: str | None = Field(None, description="CLIP whose image features the aesthetic head reads "
+                                                         "(LAION's head: ViT-L/14, openai/clip-vit-large-patch14)")
+    aesthetic_head: str | None = Field(None, description="LAION-style aesthetic head weights (.pth or .safetensors; "
+                                                         "e.g. sac+logos+ava1-l14-linearMSE.pth): local, s3:// or hub file")
+    views: int = Field(8, ge=1, le=256, description="views rendered along the predicted camera path for clip/aesthetic "
+                                                    "(the paper scores 8 rendered frames)")
+    render_size: int | None = Field(None, ge=16, le=4096, description="side of the scoring renders; None: the cameras' size")
+    floater_quantile: float = Field(0.01, gt=0.0, lt=0.5, description="robust bounding box: per-axis quantiles q, 1-q")
+    floater_margin: float = Field(0.1, ge=0.0, description="the box grown by this fraction of its size on each side")
+    transparent_below: float = Field(0.05, gt=0.0, lt=1.0, description="opacity under which a Gaussian counts as transparent")
+
+
+class EvaluateJobConfig(Strict):
+    """pipelines.evaluate: the paper's evaluation as a Ray Data job over generated datasets or prompt sets (resumable)."""
+
+    datasets: dict[str, str] = Field(default_factory=dict, description="benchmark name -> a generated dataset "
+                                                                      "(pipelines.generate output: its manifest)")
+    prompts: dict[str, str] = Field(default_factory=dict, description="benchmark name -> a prompt set; generated first "
+                                                                     "into <output>/generated/<name>, then scored")
+    output: str = Field("out/eval", description="per-scene scenes.parquet, summary.json/.md (directory or s3:// prefix)")
+    metrics: list[str] = Field(default_factory=lambda: list(SCORE_COLUMNS), description="score groups to compute")
+    scorers: ScorersConfig = ScorersConfig()
+    limit: int | None = Field(None, ge=1, description="only the first N scenes of each benchmark (for trials)")
+    actors: int = Field(1, ge=1, description="scoring actors (each loads the scorers once)")
+    cpus_per_actor: float = Field(1.0, gt=0.0)
+    gpus_per_actor: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(4, ge=1, description="scenes per scoring call")
+    cpu_stage_cpus: float = Field(0.25, gt=0.0, description="CPU share of each writing task")
+    retry_failed: bool = Field(False, description="score again scenes an earlier run recorded as failed")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="confidence level of the summary's intervals")
+    progress_every_s: float = Field(10.0, gt=0.0)
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: list[str]) -> list[str]:
+        return known_scores(v)
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvaluateJobConfig":
+        both = sorted(set(self.datasets) & set(self.prompts))
+        if both:
+            raise ValueError(f"benchmark name(s) {both} appear in both datasets and prompts")
+        return self
+
+
 class Config(Strict):
     preset: str = "tiny"
     model: ModelConfig = ModelConfig()
@@ -413,6 +500,7 @@ class Config(Strict):
     serve: ServeJobConfig = ServeJobConfig()
     stitch_job: StitchJobConfig = StitchJobConfig()
     align: AlignJobConfig = AlignJobConfig()
+    evaluate: EvaluateJobConfig = EvaluateJobConfig()
 
     @model_validator(mode="after")
     def _check_cross(self) -> "Config":

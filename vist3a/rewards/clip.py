@@ -52,20 +52,21 @@ class ClipScorer(nn.Module):
 
     @classmethod
     def load(cls, spec: str, storage=None, tokenizer: str | None = None, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32) -> ClipScorer:
+             dtype: torch.dtype = torch.float32, what: str = "align.scorer") -> ClipScorer:
         """From a local directory, an s3:// prefix or a hub id in transformers' format. `tokenizer` names
-        where the tokenizer and preprocessor_config.json are when the model directory lacks them."""
+        where the tokenizer and preprocessor_config.json are when the model directory lacks them; `what`
+        is the config key named when either is missing."""
         from transformers import AutoTokenizer, CLIPModel
 
         from vist3a.weights.locate import require
 
-        root = require(spec, storage, what="align.scorer", allow_patterns=SCORER_PATTERNS)
-        tok_root = require(tokenizer, storage, what="align.scorer_tokenizer", allow_patterns=SCORER_PATTERNS) \
+        root = require(spec, storage, what=what, allow_patterns=SCORER_PATTERNS)
+        tok_root = require(tokenizer, storage, what=f"{what}_tokenizer", allow_patterns=SCORER_PATTERNS) \
             if tokenizer else root
         try:
             tok = AutoTokenizer.from_pretrained(str(tok_root))
         except (OSError, ValueError) as exc:
-            raise FileNotFoundError(f"no CLIP tokenizer at {tok_root} ({exc}); set align.scorer_tokenizer to the "
+            raise FileNotFoundError(f"no CLIP tokenizer at {tok_root} ({exc}); set {what}_tokenizer to the "
                                     f"directory or hub id holding it (PickScore: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)") from None
         model = CLIPModel.from_pretrained(str(root), torch_dtype=dtype)
         image_size = int(model.config.vision_config.image_size)
