@@ -22,9 +22,7 @@ import pickle
 import sys
 import time
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401 - pa.compute
 import ray
 import torch
 from ray.data import ActorPoolStrategy
@@ -32,8 +30,8 @@ from ray.data import ActorPoolStrategy
 from pipelines.ray_setup import init_ray, run_isolated, set_torch_threads
 from vist3a import __version__
 from vist3a.config import Config, ConfigError, StorageConfig, load_config
-from vist3a.dataset import (compact_manifest, empty_manifest_row, now_utc, recorded_ids, write_manifest_part,
-                            write_scene)
+from vist3a.dataset import (RESULT_SCHEMA, STAGE_SCHEMA, compact_manifest, empty_manifest_row, now_utc, recorded_ids,
+                            typed_table, write_manifest_part, write_scene)
 from vist3a.generator import SceneGenerator, scene_files
 from vist3a.io import ensure_writable, remove_temp_files
 from vist3a.io.prompts import read_prompts
@@ -45,13 +43,6 @@ log = logging.getLogger("vist3a.generate")
 # ----------------------------------------------------------------------------- Ray Data stages
 
 
-def object_column(values: list) -> np.ndarray:
-    """A 1-D object array (np.array would try to nest sequences)."""
-    col = np.empty(len(values), dtype=object)
-    col[:] = values
-    return col
-
-
 class ValidatePrompts:
     """CPU stage: refuse prompts the text encoder cannot take (token limit) before any GPU time."""
 
@@ -60,14 +51,13 @@ class ValidatePrompts:
         local = SceneGenerator.fetch_and_verify_weights(self.cfg)  # hub ids / s3:// made local on this node
         self.tokenizer = load_tokenizer(local.model.video)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         limit = self.cfg.model.video.text_encoder.max_length
-        errors = list(batch["error"])
-        for i, (prompt, err) in enumerate(zip(batch["prompt"], errors)):
-            if not err:
-                errors[i] = check_prompt(self.tokenizer, prompt, limit) or ""
-        batch["error"] = object_column(errors)
-        return batch
+        rows = batch.to_pylist()
+        for row in rows:
+            if row["error"] is None:
+                row["error"] = check_prompt(self.tokenizer, row["prompt"], limit)
+        return typed_table(rows, STAGE_SCHEMA, "prompt row")
 
 
 class GenerateScenes:
@@ -78,42 +68,35 @@ class GenerateScenes:
         set_torch_threads(cfg.generate.cpus_per_actor, torch.cuda.is_available(), cfg.runtime.torch_threads)
         self.gen = SceneGenerator(cfg)
 
-    def __call__(self, batch: dict) -> dict:
-        n = len(batch["id"])
-        scenes = [b""] * n
-        metas = [""] * n
-        errors = list(batch["error"])
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
 
-        def generate(idx: list[int]) -> list:
-            return self.gen.generate([batch["prompt"][i] for i in idx], [int(batch["seed"][i]) for i in idx],
-                                     [batch["negative_prompt"][i] or "" for i in idx])
+        def generate(todo: list[dict]) -> list:
+            return self.gen.generate([r["prompt"] for r in todo], [r["seed"] for r in todo],
+                                     [r["negative_prompt"] or "" for r in todo])
 
-        done, failed = run_isolated(generate, [i for i in range(n) if not errors[i]])
-        for i, reason in failed:  # recorded as failed rows; the job goes on
-            errors[i] = reason
-        for i, scene in done:
-            # pickled here: Arrow stores bytes as they are, where a Scene object makes Ray Data try (and
-            # fail, with a warning per block) to convert it to an Arrow column first
-            scenes[i] = pickle.dumps(scene, protocol=pickle.HIGHEST_PROTOCOL)
-            metas[i] = json.dumps(self.gen.meta(scene))  # JSON text: Arrow would turn lists into arrays
-        batch["error"] = object_column(errors)
-        batch["scene"] = object_column(scenes)
-        batch["meta"] = object_column(metas)
-        return batch
+        done, failed = run_isolated(generate, [r for r in rows if r["error"] is None])
+        for row, reason in failed:  # recorded as failed rows; the job goes on
+            row["error"] = reason
+        for row, scene in done:
+            # pickled: Arrow stores bytes as they are, where a Scene object makes Ray Data try (and fail,
+            # with a warning per block) to convert it to an Arrow column first
+            row["scene"] = pickle.dumps(scene, protocol=pickle.HIGHEST_PROTOCOL)
+            row["meta"] = json.dumps(self.gen.meta(scene))  # JSON text: Arrow would turn lists into arrays
+        return typed_table(rows, STAGE_SCHEMA, "prompt row")
 
 
-def write_scenes(batch: dict, output: str, storage: dict, ply_sh_degree: int) -> dict:
+def write_scenes(batch: pa.Table, output: str, storage: dict, ply_sh_degree: int) -> pa.Table:
     """CPU stage: encode and upload each scene, then commit the batch's manifest part."""
     storage_cfg = StorageConfig.model_validate(storage)
     rows = []
-    for i in range(len(batch["id"])):
+    for item in batch.to_pylist():
         row = empty_manifest_row()
         for k in ("id", "prompt", "negative_prompt", "seed", "source"):
-            row[k] = batch[k][i]
-        row["seed"] = None if row["seed"] is None else int(row["seed"])
-        err, meta = batch["error"][i], batch["meta"][i]
-        if not err and meta:
-            scene, meta = pickle.loads(batch["scene"][i]), json.loads(meta)
+            row[k] = item[k]
+        err, meta = item["error"], item["meta"]
+        if err is None and meta:
+            scene, meta = pickle.loads(item["scene"]), json.loads(meta)
             t0 = time.perf_counter()
             try:
                 uris = write_scene(output, row["id"], scene_files(scene, meta, ply_sh_degree), storage_cfg)
@@ -128,14 +111,13 @@ def write_scenes(batch: dict, output: str, storage: dict, ply_sh_degree: int) ->
                     weights_fingerprint=meta["weights_fingerprint"], write_s=time.perf_counter() - t0,
                     **{k: meta["timings"].get(k) for k in ("sample_s", "decode_s", "render_s")},
                 )
-        if err or not meta:
-            row.update(status="failed", error=str(err or "generation produced no scene"))
+        if err is not None or not meta:
+            row.update(status="failed", error=err or "generation produced no scene")
         row["vist3a_version"] = __version__
         row["finished_at"] = now_utc()
         rows.append(row)
     write_manifest_part(output, rows, storage_cfg)
-    keep = ("id", "status", "error")
-    return {k: object_column([r[k] for r in rows]) for k in keep}
+    return typed_table(rows, RESULT_SCHEMA, "manifest row")
 
 
 # ----------------------------------------------------------------------------- driver
@@ -150,8 +132,8 @@ class Progress:
         self.reasons: collections.Counter[str] = collections.Counter()
         self.t0 = self.last = time.perf_counter()
 
-    def update(self, batch: dict) -> None:
-        for status, err in zip(batch["status"], batch["error"]):
+    def update(self, batch: pa.Table) -> None:
+        for status, err in zip(batch.column("status").to_pylist(), batch.column("error").to_pylist()):
             if status == "done":
                 self.done += 1
             else:
@@ -179,19 +161,20 @@ def build_dataset(cfg: Config, todo: pa.Table):
     # <= 1024 rows each keeps a straggler short at dataset scale, >= one batch each keeps batches full.
     per_block = min(max(-(-todo.num_rows // (16 * job.actors)), job.batch_size), 1024)
     blocks = max(1, -(-todo.num_rows // per_block))
-    # Empty strings, not nulls, for "no error": Ray Data turns an all-null object column into NaN.
-    todo = todo.set_column(todo.schema.get_field_index("error"), "error",
-                           pa.compute.fill_null(todo.column("error"), ""))
-    ds = ray.data.from_arrow(todo).repartition(blocks)
+    # Every stage takes and returns Arrow tables of STAGE_SCHEMA (vist3a.dataset): all-null columns stay typed.
+    for field in STAGE_SCHEMA:  # the prompt table plus typed, empty columns for what generation adds
+        if field.name not in todo.column_names:
+            todo = todo.append_column(field, pa.nulls(todo.num_rows, field.type))
+    ds = ray.data.from_arrow(todo.select(STAGE_SCHEMA.names).cast(STAGE_SCHEMA)).repartition(blocks)
     ds = ds.map_batches(ValidatePrompts, fn_constructor_kwargs={"cfg_dict": cfg_dict},
                         compute=ActorPoolStrategy(size=job.validators), num_cpus=job.cpu_stage_cpus,
-                        batch_size=None, batch_format="numpy")  # a block at a time: never merges blocks
+                        batch_size=None, batch_format="pyarrow")  # a block at a time: never merges blocks
     ds = ds.map_batches(GenerateScenes, fn_constructor_kwargs={"cfg_dict": cfg_dict},
                         compute=ActorPoolStrategy(size=job.actors), num_gpus=job.gpus_per_actor or None,
-                        num_cpus=job.cpus_per_actor, batch_size=job.batch_size, batch_format="numpy")
+                        num_cpus=job.cpus_per_actor, batch_size=job.batch_size, batch_format="pyarrow")
     ds = ds.map_batches(write_scenes, fn_kwargs={"output": job.output, "storage": cfg.storage.model_dump(),
                                                  "ply_sh_degree": cfg.splats.ply_sh_degree},
-                        num_cpus=job.cpu_stage_cpus, batch_size=job.batch_size, batch_format="numpy")
+                        num_cpus=job.cpu_stage_cpus, batch_size=job.batch_size, batch_format="pyarrow")
     return ds
 
 
@@ -208,12 +191,12 @@ def run(cfg: Config) -> dict:
     mask = pa.array([i not in skip for i in table.column("id").to_pylist()], pa.bool_())
     todo = table.filter(mask)
     print(f"[generate] {stats['rows']} rows in {stats['files']} file(s): {table.num_rows} unique "
-          f"({stats['duplicates']} duplicates collapsed), {table.num_rows - todo.num_rows} already recorded, "
+          f"({stats['duplicates']} duplicates collapsed, {stats['conflicts']} conflicting ids), {table.num_rows - todo.num_rows} already recorded, "
           f"{todo.num_rows} to do -> {job.output}", flush=True)
     progress = Progress(todo.num_rows, job.progress_every_s)
     if todo.num_rows:
         init_ray(cfg)
-        for batch in build_dataset(cfg, todo).iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in build_dataset(cfg, todo).iter_batches(batch_size=None, batch_format="pyarrow"):
             progress.update(batch)
     # every writer of this run has finished: a temp file left now is from a killed one (this run or earlier)
     if stale := remove_temp_files(job.output):
@@ -227,6 +210,7 @@ def run(cfg: Config) -> dict:
         "manifest": {"rows": manifest.num_rows, "done": status.count("done"), "failed": status.count("failed")},
         "failures_by_reason": dict(progress.reasons),
         "duplicates_collapsed": stats["duplicates"],
+        "conflicting_ids": stats["conflicts"],
     }
     print(f"[generate] finished: {progress.line()}", flush=True)
     print(f"[generate] manifest: {summary['manifest']['rows']} rows ({summary['manifest']['done']} done, "

@@ -54,3 +54,29 @@ def test_temp_files_of_killed_writers_are_removed_and_finished_files_kept(tmp_pa
     assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()] == ["scenes/ab/x.ply"]
     assert (tmp_path / "scenes" / "ab" / "x.ply").read_bytes() == b"complete"
     assert remove_temp_files("s3://bucket/never-has-temp-files") == 0
+
+
+def test_a_value_that_does_not_fit_names_the_row_field_and_value(tmp_path):
+    import pytest
+
+    bad = _row("a")
+    bad["prompt"] = float("nan")  # what an all-null column of a numpy batch used to hand over
+    with pytest.raises(ValueError, match=r"manifest row 'a': field 'prompt' = nan \(float\) does not fit string"):
+        write_manifest_part(str(tmp_path), [_row("b"), bad])
+    assert not (tmp_path / "manifest").exists()
+
+
+def test_stage_rows_of_bad_rows_alone_stay_typed(tmp_path):
+    """All-bad rows through the write stage as Arrow tables of STAGE_SCHEMA: null columns keep their type."""
+    import pyarrow as pa
+
+    from pipelines.generate import write_scenes
+    from vist3a.dataset import RESULT_SCHEMA, STAGE_SCHEMA, typed_table
+
+    rows = [{"id": f"invalid-{k}", "seed": k, "source": f"p.csv:{k}", "error": "empty prompt"} for k in range(3)]
+    batch = typed_table(rows, STAGE_SCHEMA)
+    assert batch.schema.equals(STAGE_SCHEMA) and batch.column("prompt").null_count == 3
+    assert batch.column("prompt").type == pa.string()
+    out = write_scenes(batch, str(tmp_path), {}, 0)
+    assert out.schema.equals(RESULT_SCHEMA) and out.column("status").to_pylist() == ["failed"] * 3
+    assert read_manifest(str(tmp_path)).column("error").to_pylist() == ["empty prompt"] * 3

@@ -54,6 +54,41 @@ MANIFEST_SCHEMA = pa.schema([
     ("finished_at", pa.timestamp("ms", tz="UTC")),
 ])
 
+#: The one schema of the rows flowing through the bulk job's stages (validate -> generate -> write):
+#: the prompt set's columns, then what generation adds. Every stage takes and returns Arrow tables of
+#: exactly this schema, so a column whose values are all null stays a typed null column (a numpy batch
+#: would turn it into float NaN) and nothing downstream has to guess a type.
+STAGE_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("prompt", pa.string()),
+    ("negative_prompt", pa.string()),
+    ("seed", pa.int64()),
+    ("source", pa.string()),
+    ("error", pa.string()),               # null: the row can still be generated
+    ("scene", pa.binary()),               # the pickled Scene, once generated
+    ("meta", pa.string()),                # its meta.json text, once generated
+])
+
+#: What the write stage hands back to the driver (progress), one row per committed manifest row.
+RESULT_SCHEMA = pa.schema([("id", pa.string()), ("status", pa.string()), ("error", pa.string())])
+
+
+def typed_table(rows: list[dict], schema: pa.Schema, what: str = "row") -> pa.Table:
+    """`rows` as a table of exactly `schema` (missing keys are null). A value that does not fit its column
+    is a ValueError naming the row's id, the field and the value, not an Arrow error from deep inside."""
+    try:
+        return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+        for r in rows:
+            for f in schema:
+                try:
+                    pa.array([r.get(f.name)], f.type)
+                except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                    raise ValueError(f"{what} {r.get('id')!r}: field {f.name!r} = {r.get(f.name)!r:.200} "
+                                     f"({type(r.get(f.name)).__name__}) does not fit {f.type}") from exc
+        raise
+
+
 SCENE_FILES = {"scene.ply": ".ply", "preview.png": ".png", "cameras.json": ".cameras.json", "meta.json": ".meta.json"}
 
 
@@ -88,7 +123,7 @@ def write_manifest_part(output: str, rows: list[dict], storage=None) -> str:
     ids = sorted(r["id"] for r in rows)
     name = hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()[:24] + ".parquet"
     uri = join(output, "manifest", "parts", name)
-    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    table = typed_table(rows, MANIFEST_SCHEMA, "manifest row")
     buf = io.BytesIO()
     pq.write_table(table, buf)
     write_bytes(uri, buf.getvalue(), storage)
