@@ -208,3 +208,31 @@ def test_a_missing_scorer_fails_at_start_up_saying_where_it_looked(tmp_path, tin
         SceneScorer(["aesthetic"], ScorersConfig(aesthetic_clip=tiny_scorers.clip))
     assert SceneScorer(["splats", "floaters"]).columns == ["opacity_mean", "transparent_frac", "scale_median_rel",
                                                              "scale_p99_rel", "floater_frac"]
+
+
+def test_scores_are_computed_where_the_scene_is_made_and_land_in_meta(tmp_path):
+    """generate.scores in the generator: consistency against the very frames the decoder saw; meta.json carries them."""
+    import json
+
+    from vist3a.config import load_config
+    from vist3a.generator import SceneGenerator, scene_files
+
+    cfg = load_config(None, ["generate.scores=[consistency,splats,cameras]", "splats.preview_views=0", "sampling.steps=2"])
+    gen = SceneGenerator(cfg)
+    seen = {}
+    forward = gen.decoder.forward
+
+    def capture(*args, **kwargs):
+        seen["out"] = forward(*args, **kwargs)
+        return seen["out"]
+
+    gen.decoder.forward = capture
+    scene = gen.generate(["a red barn"], [3])[0]
+    frames = seen["out"].frames[0]
+    want = consistency_scores(seen["out"].gaussians[0], seen["out"].cameras[0], frames, renderer="torch")
+    assert scene.scores["consistency_psnr"] == pytest.approx(want["consistency_psnr"], abs=1e-4)
+    assert scene.scores["consistency_ssim"] == pytest.approx(want["consistency_ssim"], abs=1e-5)
+    assert scene.scores["camera_ok"] == 1.0 and "floater_frac" not in scene.scores
+    meta = json.loads(scene_files(scene, gen.meta(scene))["meta.json"])
+    assert meta["scores"] == pytest.approx(scene.scores) and "score_s" in meta["timings"]
+    assert not load_config().generate.scores  # off by default

@@ -20,6 +20,7 @@ from vist3a.config import Config, load_config
 from vist3a.ids import fingerprint, seed_from
 from vist3a.io import join, write_bytes
 from vist3a.models import build_stitched_decoder, build_video
+from vist3a.scores import SceneScorer, check_scorers
 from vist3a.splats.gaussians import Cameras, Gaussians
 from vist3a.splats.ply import ply_bytes
 from vist3a.splats.preview import png_bytes, render_previews, save_preview_grid
@@ -55,6 +56,7 @@ class Scene:
     previews: list[Image.Image]
     timings: dict[str, float] = field(default_factory=dict)
     negative_prompt: str = ""
+    scores: dict[str, float] = field(default_factory=dict)   # generate.scores (vist3a.scores), NaN where not computable
     steps: int | None = None         # the sampling steps and guidance this scene was generated with
     guidance: float | None = None
 
@@ -82,6 +84,8 @@ class SceneGenerator:
         self.decoder = build_stitched_decoder(local_cfg, self.video.vae, self.device, decode_frames=self.video.decode)
         if self.cfg.sampling.negative_prompt and (why := self.video.check_prompt(self.cfg.sampling.negative_prompt)):
             raise ValueError(f"sampling.negative_prompt: {why.replace('prompt', 'negative prompt', 1)}")
+        self.scorer = (SceneScorer(self.cfg.generate.scores, self.cfg.evaluate.scorers, self.cfg.storage, self.device,
+                                   self.cfg.runtime.renderer) if self.cfg.generate.scores else None)
         self.load_seconds = time.perf_counter() - t0
         self.fingerprint = fingerprint(self.cfg.model.model_dump())
 
@@ -96,6 +100,7 @@ class SceneGenerator:
                              f"{list(cfg.model.recon.heads)}), so it cannot produce splat scenes; "
                              "use an AnySplat preset (e.g. wan2.1-1.3b+anysplat)")
         local_cfg, _ = prepare_weights(cfg)
+        check_scorers(cfg.generate.scores, cfg.evaluate.scorers, cfg.storage)  # the scorers generate.scores needs
         return local_cfg
 
     def model_prompt(self, prompt: str) -> str:
@@ -145,11 +150,16 @@ class SceneGenerator:
             t_r = time.perf_counter()
             previews = render_previews(g, o.preview_views, o.preview_size, backend=self.cfg.runtime.renderer) if o.preview_views else []
             render_s = time.perf_counter() - t_r
+            t_s = time.perf_counter()
+            scores = self.scorer.score(g, decoded.cameras[i], prompts[i], frames=None if decoded.frames is None
+                                       else decoded.frames[i]) if self.scorer else {}
             scenes.append(Scene(
                 prompt=prompts[i], seed=int(seeds[i]), negative_prompt=negative_prompts[i],
                 gaussians=g.to("cpu"), cameras=decoded.cameras[i].to("cpu"),
                 previews=previews, steps=steps, guidance=guidance,
-                timings={"sample_s": (t1 - t0) / n, "decode_s": (t2 - t1) / n, "render_s": render_s},
+                timings={"sample_s": (t1 - t0) / n, "decode_s": (t2 - t1) / n, "render_s": render_s,
+                         **({"score_s": time.perf_counter() - t_s} if self.scorer else {})},
+                scores=scores,
             ))
         return scenes
 
@@ -169,6 +179,7 @@ class SceneGenerator:
             "bbox_min": lo,
             "bbox_max": hi,
             "timings": scene.timings,
+            "scores": {k: None if v != v else v for k, v in scene.scores.items()},  # NaN -> null: strict JSON
             "device": str(self.device),
             "versions": package_versions(),
         }

@@ -282,8 +282,9 @@ def score_columns(groups: list[str]) -> list[str]:
 
 
 def check_scorers(groups: list[str], cfg: ScorersConfig, storage=None, key: str = "generate.scores") -> None:
-    """Fail now, before any work, when a model score is asked for and its scorer is unset or missing:
-    the message names the config key, the value and where it looked."""
+    """Fail now, before any work, when a model score is asked for and its scorer is unset or missing
+    (remote ones are fetched, as model weights are at start-up): the message names the config key, the
+    value and where it looked."""
     from vist3a.weights.locate import require
 
     needs = {"clip": [("clip", cfg.clip)], "aesthetic": [("aesthetic_clip", cfg.aesthetic_clip),
@@ -293,7 +294,7 @@ def check_scorers(groups: list[str], cfg: ScorersConfig, storage=None, key: str 
             if not spec:
                 raise FileNotFoundError(f"{key} includes {group!r} but evaluate.scorers.{name} is not set "
                                         f"(a directory, s3:// prefix or hub id; see README 'Scene scores')")
-            require(spec, storage, what=f"evaluate.scorers.{name}", fetch=False)
+            require(spec, storage, what=f"evaluate.scorers.{name}")
 
 
 class SceneScorer:
@@ -369,3 +370,14 @@ def consistency_scores(gaussians: Gaussians, cameras: Cameras, frames: Tensor | 
     renders = out.colors.permute(0, 3, 1, 2).clamp(0, 1)
     target = frames.to(renders.device, renders.dtype).clamp(0, 1)
     return {"consistency_psnr": float(psnr(renders, target).mean()), "consistency_ssim": float(ssim(renders, target).mean())}
+
+
+def write_tiny_scorers(directory: str | Path, seed: int = 0) -> dict[str, str]:
+    """A tiny random CLIP (`<dir>/clip`) and an aesthetic head for it (`<dir>/aesthetic-head.pth`): what the
+    tiny preset's scores and the tests load with no download. Their numbers mean nothing."""
+    from vist3a.rewards.clip import write_tiny_clip
+
+    directory = Path(directory)
+    clip = write_tiny_clip(directory / "clip", seed=seed)
+    head = write_tiny_aesthetic_head(directory / "aesthetic-head.pth", dim=32, seed=seed + 1)
+    return {"clip": str(clip), "aesthetic_clip": str(clip), "aesthetic_head": str(head)}
