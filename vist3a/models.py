@@ -109,10 +109,11 @@ def load_stitch_weights(decoder: StitchedDecoder, cfg: Config) -> None:
 
     sc = cfg.model.stitch
     path = require(sc.weights, cfg.storage, what="model.stitch.weights")
-    if not is_release_checkpoint(read_checkpoint_file(path)):
+    payload = read_checkpoint_file(path)
+    if not is_release_checkpoint(payload):
         load_stitch_checkpoint(decoder, str(path), cfg.storage)
         return
     if sc.lora_rank is None or sc.lora_alpha is None:
         raise ValueError(f"model.stitch.weights {path} is the release's stitched decoder: set model.stitch.lora_rank "
                          "and model.stitch.lora_alpha (HJGO/VIST3A: 64 and 32; the vist3a presets do)")
-    load_release_stitch(decoder, path, sc.lora_rank, sc.lora_alpha)
+    load_release_stitch(decoder, path, sc.lora_rank, sc.lora_alpha, payload=payload)

@@ -230,11 +230,13 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, weight_shape: torch.Size, scale
 
 
 @torch.no_grad()
-def load_release_stitch(decoder: nn.Module, path: str | Path, rank: int, alpha: float) -> ConversionReport:
+def load_release_stitch(decoder: nn.Module, path: str | Path, rank: int, alpha: float,
+                        payload: dict | None = None) -> ConversionReport:
     """Load the release's stitched-decoder file into `decoder` (a StitchedDecoder built from the same
     config): stitching layer, cls/register tokens, and every LoRA merged (its bias applied).
-    Raises CheckpointMismatchError with the full report when anything does not fit."""
-    payload = read_checkpoint_file(path)
+    `payload` is the file's content when the caller has read it already. Raises
+    CheckpointMismatchError with the full report when anything does not fit."""
+    payload = read_checkpoint_file(path) if payload is None else payload
     plan = plan_release(payload, decoder.recon, decoder.cut, decoder.stitch, rank, alpha, source=str(path))
     if not plan.report.ok:
         raise CheckpointMismatchError(str(plan.report))
