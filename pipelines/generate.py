@@ -110,6 +110,7 @@ def write_scenes(batch: pa.Table, output: str, storage: dict, ply_sh_degree: int
                     negative_prompt=meta["negative_prompt"], prompt_template=meta["prompt_template"],
                     weights_fingerprint=meta["weights_fingerprint"], write_s=time.perf_counter() - t0,
                     **{k: meta["timings"].get(k) for k in ("sample_s", "decode_s", "render_s")},
+                    **meta.get("scores", {}),
                 )
         if err is not None or not meta:
             row.update(status="failed", error=err or "generation produced no scene")

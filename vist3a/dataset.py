@@ -24,6 +24,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vist3a.config import SCORE_COLUMNS
 from vist3a.ids import check_id
 from vist3a.io.uri import filesystem, join, write_bytes
 
@@ -52,6 +53,8 @@ MANIFEST_SCHEMA = pa.schema([
     ("weights_fingerprint", pa.string()),
     ("vist3a_version", pa.string()),
     ("finished_at", pa.timestamp("ms", tz="UTC")),
+    # per-scene scores (generate.scores; vist3a.scores): null where not computed; older parts read with nulls
+    *[(c, pa.float64()) for cols in SCORE_COLUMNS.values() for c in cols],
 ])
 
 #: The one schema of the rows flowing through the bulk job's stages (validate -> generate -> write):
