@@ -4,9 +4,15 @@
     serve deploy deploy/serve.cluster.yaml         # a running Ray cluster (GPU replicas, API key, S3 store)
 
 The story of a request:
-  1. POST /v1/scenes  the ingress (`SceneAPI`) checks the key, the body size, the fields and the
-     prompt's token limit, and how many scenes it has accepted but not finished; then it writes a
-     `queued` record to the store, starts a background call to the model and answers 202 + id.
+  1. POST /v1/scenes  the ingress (`SceneAPI`) checks the key, the content type, the body size, the
+     fields and the prompt's token limit; then it admits the request as a durable job in the store
+     (the queue of record: id, request, attempt, lease; refused with 503 when the store already holds
+     `serve.max_queued_generations` open jobs, whichever replica accepted them), starts the job's call
+     to the model and answers 202 + id. Admission and the job run outside the HTTP request, so a client
+     that goes away changes nothing. The replica renews the job's lease while it runs; a model replica
+     that dies mid-call costs an attempt and the job is dispatched again, up to `serve.max_attempts`.
+     Every ingress replica (one started later too) takes over open jobs whose lease expired (their
+     replica died) and dispatches them again under the same id.
   2. `SceneModel` (one per GPU) gathers the calls that arrive together with @serve.batch, runs one
      generator batch, writes scene.ply / preview.png / cameras.json / meta.json and the final record
      (`done`, or `failed` with the reason) to the store. A failing batch is retried item by item,
@@ -19,9 +25,12 @@ The model math lives in `vist3a` (SceneGenerator); this module is the service ar
 
 import asyncio
 import collections
+import contextvars
 import hmac
 import logging
 import os
+import random
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +51,7 @@ from vist3a.config import Config, ConfigError, build_config, load_config
 from vist3a.generator import SceneGenerator, scene_files
 from vist3a.ids import seed_from
 from vist3a.io import is_s3
-from vist3a.io.scene_store import SCENE_FILES, SceneStore, is_scene_id, new_scene_id
+from vist3a.io.scene_store import FINAL, SCENE_FILES, SceneStore, is_scene_id, new_scene_id
 
 log = logging.getLogger("vist3a.serve")
 
@@ -51,6 +60,8 @@ WEB_DIR = Path(__file__).resolve().parent / "web"
 NODE_MODULES = Path(os.environ.get("VIST3A_NODE_MODULES", Path(__file__).resolve().parents[1] / "node_modules"))
 VENDOR_ROOTS = {"three": "three", "spark": "@sparkjsdev/spark/dist", "swagger-ui": "swagger-ui-dist"}
 API_KEY_HEADER = "X-API-Key"
+JSON_TYPE = "application/json"
+MAX_VENDOR_PATH = 512  # characters of a /vendor/ path; each part at most 255 bytes (a file name's limit)
 
 
 # ----------------------------------------------------------------------------- request body
@@ -124,15 +135,23 @@ def run_batch(generator: SceneGenerator, store: SceneStore, jobs: list[dict], pl
     """Generate `jobs` (dicts: id, prompt, seed, steps, guidance) and record each as done or failed.
 
     One generator call per distinct (steps, guidance) group; a group that raises is retried one
-    job at a time so a single bad item fails alone. Never raises: the outcome is in the records."""
+    job at a time so a single bad item fails alone. Never raises: the outcome is in the records.
+    Idempotent by id: a job whose record is already final (a dispatch repeated after a replica died)
+    is answered from the record, not generated again."""
     outcomes: dict[str, dict] = {}
+    todo = []
     for job in jobs:
         try:
+            record = store.get_status(job["id"])
+            if record is not None and record.get("status") in FINAL:
+                outcomes[job["id"]] = {k: record[k] for k in ("status", "reason", "result") if k in record}
+                continue
             store.put_status(job["id"], "running", batch_size=len(jobs))
         except Exception:  # noqa: BLE001 - only progress; the final record is written (or reported) below
             log.exception("could not mark scene %s running", job["id"])
+        todo.append(job)
     groups: dict[tuple, list[dict]] = {}
-    for job in jobs:
+    for job in todo:
         groups.setdefault((job.get("steps"), job.get("guidance")), []).append(job)
 
     def generate(group: list[dict]) -> list:
@@ -158,6 +177,9 @@ def run_batch(generator: SceneGenerator, store: SceneStore, jobs: list[dict], pl
     out = []
     for job in jobs:
         o = outcomes[job["id"]]
+        if job not in todo:
+            out.append({"id": job["id"], **o})
+            continue
         try:
             store.put_status(job["id"], o["status"], **{k: v for k, v in o.items() if k != "status"})
         except Exception as exc:  # noqa: BLE001 - the ingress records it as failed from the returned outcome
@@ -223,9 +245,13 @@ class SceneAPI:
         limit = self.cfg.model.video.text_encoder.max_length
         self.context = {"check_prompt": lambda p: check_prompt(tokenizer, p, limit),
                         "max_steps": s.max_steps, "max_guidance": s.max_guidance}
-        self.pending: dict[str, asyncio.Task | None] = {}   # accepted, not finished (this replica)
+        self.replica = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"  # owner of the leases it holds
+        self.running: dict[str, asyncio.Task] = {}   # jobs this replica runs (holds the lease of)
+        self.tasks: set[asyncio.Task] = set()         # detached tasks, referenced so none is collected mid-run
+        self.admission: asyncio.Lock | None = None    # one admission at a time here: the store's count stays exact
+        self.recovery: asyncio.Task | None = None
         self.last_retention = 0.0
-        self.housekeeping: asyncio.Task | None = None
+        self._ensure_recovery()
 
     # -- helpers
 
@@ -257,28 +283,127 @@ class SceneAPI:
             links[name] = f"{base}/{name}"
         return links
 
-    async def _generate(self, scene_id: str, job: dict) -> None:
-        """Background: call the model (waiting while its queue is full); record failures it cannot record itself."""
+    def _detached(self, coro) -> asyncio.Task:
+        """Run `coro` outside any HTTP request: in a fresh context, so Serve does not cancel it (or the model
+        calls it makes) when a client disconnects; referenced until it ends."""
+        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def _ensure_recovery(self) -> None:
+        """Start the loop that takes over jobs with expired leases (from __init__, health checks and requests:
+        whichever first runs on the replica's event loop)."""
+        if self.recovery is not None and not self.recovery.done():
+            return
         try:
-            delay = 0.2
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self.recovery = self._detached(self._recover_forever())
+
+    async def _recover_forever(self) -> None:
+        while True:
+            try:
+                await self.recover_expired()
+            except Exception:  # noqa: BLE001 - e.g. the store briefly unavailable: try again next round
+                log.exception("taking over expired jobs failed")
+            await asyncio.sleep(self.cfg.serve.lease_s / 2 * random.uniform(0.75, 1.25))  # replicas drift apart
+
+    async def recover_expired(self) -> int:
+        """Take over every open job whose lease expired and run it again; -> how many were taken over."""
+        s = self.cfg.serve
+        taken = 0
+        for scene_id in await asyncio.to_thread(self.store.open_jobs):
+            if scene_id in self.running:
+                continue
+            job = await asyncio.to_thread(self.store.claim, scene_id, self.replica, s.lease_s)
+            if job is None:
+                continue
+            if job["attempt"] > s.max_attempts:
+                last = job.get("last_error") or "the ingress replica running it was lost"
+                await self._fail(scene_id, f"gave up after {s.max_attempts} attempts; last: {last}")
+                continue
+            log.warning("scene %s: lease expired, taking it over (attempt %d)", scene_id, job["attempt"])
+            await asyncio.to_thread(self.store.put_status, scene_id, "queued", attempt=job["attempt"])
+            self._start_job(job)
+            taken += 1
+        return taken
+
+    def _start_job(self, job: dict) -> None:
+        self.running[job["id"]] = self._detached(self._run_job(job))
+
+    async def _fail(self, scene_id: str, reason: str) -> None:
+        await asyncio.to_thread(self.store.put_status, scene_id, "failed", reason=reason[:500])
+        await asyncio.to_thread(self.store.finish_job, scene_id)
+
+    async def _renew_lease(self, scene_id: str) -> None:
+        s = self.cfg.serve
+        while True:
+            await asyncio.sleep(s.lease_s / 3)
+            try:
+                if not await asyncio.to_thread(self.store.renew, scene_id, self.replica, s.lease_s):
+                    return  # closed, or taken over after this replica stalled (a second run writes the same)
+            except Exception:  # noqa: BLE001 - the next renewal may work; else the lease lapses and a replica retries
+                log.exception("could not renew the lease of scene %s", scene_id)
+
+    async def _call_model(self, payload: dict) -> dict:
+        delay = 0.2
+        while True:
+            try:
+                return await self.model.generate.remote(payload)
+            except BackPressureError:  # the model's queue is full: wait (the lease is renewed meanwhile)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _run_job(self, job: dict) -> None:
+        """Run one job to a final status: the model records done/failed; a model call that fails (a replica
+        died mid-batch) is retried as the next attempt, up to serve.max_attempts. The job is closed once
+        its status is final; if this replica dies first, the lease lapses and another one takes over."""
+        s = self.cfg.serve
+        scene_id, attempt = job["id"], int(job["attempt"])
+        renewer = self._detached(self._renew_lease(scene_id))
+        try:
             while True:
                 try:
-                    outcome = await self.model.generate.remote(job)
-                    break
-                except BackPressureError:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-            if outcome.get("status") == "failed" and outcome.get("reason", "").startswith("store unavailable"):
-                await asyncio.to_thread(self.store.put_status, scene_id, "failed", reason=outcome["reason"])
-        except Exception as exc:  # noqa: BLE001 - e.g. the model replica died mid-batch
-            log.warning("scene %s failed outside the generator: %s", scene_id, exc)
-            try:
-                await asyncio.to_thread(self.store.put_status, scene_id, "failed",
-                                        reason=f"model call failed: {type(exc).__name__}: {exc}"[:500])
-            except Exception:  # noqa: BLE001
-                log.exception("could not record the failure of scene %s", scene_id)
+                    outcome = await self._call_model({"id": scene_id, **job["request"]})
+                except Exception as exc:  # noqa: BLE001 - e.g. ActorDiedError: the model replica died mid-batch
+                    reason = f"model call failed: {type(exc).__name__}: {exc}"[:400]
+                    log.warning("scene %s, attempt %d of %d: %s", scene_id, attempt, s.max_attempts, reason)
+                    record = await asyncio.to_thread(self.store.get_status, scene_id)
+                    if record is not None and record.get("status") in FINAL:
+                        break  # the result landed before the failure
+                    if attempt >= s.max_attempts:
+                        await self._fail(scene_id, f"{reason} (attempt {attempt} of {s.max_attempts})")
+                        return
+                    attempt += 1
+                    await asyncio.to_thread(self.store.renew, scene_id, self.replica, s.lease_s,
+                                            attempt=attempt, last_error=reason)
+                    await asyncio.to_thread(self.store.put_status, scene_id, "queued", attempt=attempt)
+                    await asyncio.sleep(min(0.5 * 2 ** attempt, 10.0))
+                    continue
+                if outcome.get("status") == "failed" and outcome.get("reason", "").startswith("store unavailable"):
+                    await asyncio.to_thread(self.store.put_status, scene_id, "failed", reason=outcome["reason"])
+                break
+            await asyncio.to_thread(self.store.finish_job, scene_id)
+        except Exception:  # noqa: BLE001 - the store failed: the job stays open, its lease lapses, a replica retries
+            log.exception("scene %s: could not finish the job here", scene_id)
         finally:
-            self.pending.pop(scene_id, None)
+            renewer.cancel()
+            self.running.pop(scene_id, None)
+
+    async def _admit(self, scene_id: str, request: dict) -> dict | None:
+        """The job, or None when the store holds serve.max_queued_generations open jobs. Runs detached: once
+        the request reached here, the job is admitted (and started) or refused whatever the client does."""
+        s = self.cfg.serve
+        if self.admission is None:
+            self.admission = asyncio.Lock()
+        async with self.admission:
+            job = await asyncio.to_thread(self.store.admit, scene_id, request, self.replica, s.lease_s,
+                                          s.max_queued_generations)
+        if job is not None:
+            self._start_job(job)
+        return job
 
     def _maybe_apply_retention(self) -> None:
         now = time.monotonic()
@@ -295,7 +420,7 @@ class SceneAPI:
             except Exception:  # noqa: BLE001 - retention is housekeeping; requests go on
                 log.exception("retention failed")
 
-        self.housekeeping = asyncio.get_running_loop().create_task(apply())  # referenced: not collected mid-run
+        self._detached(apply())
 
     # -- API
 
@@ -303,11 +428,16 @@ class SceneAPI:
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": SceneRequest.model_json_schema()}}}},
               responses={202: {"description": "accepted; poll the `self` link"}, 401: {"description": "API key"},
-                         413: {"description": "body too large"}, 422: {"description": "a field is invalid"},
+                         413: {"description": "body too large"}, 415: {"description": "not application/json"},
+                         422: {"description": "a field is invalid"},
                          503: {"description": "queue full; retry after `Retry-After` seconds"}})
     async def create_scene(self, request: Request):
         if (denied := self._unauthorized(request)) is not None:
             return denied
+        self._ensure_recovery()
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != JSON_TYPE:
+            return error(415, f"Content-Type must be {JSON_TYPE}, got {media or 'none'!r}")
         body = await self._read_body(request)
         if isinstance(body, JSONResponse):
             return body
@@ -316,29 +446,25 @@ class SceneAPI:
         except ValidationError as err:
             return validation_response(err)
         s = self.cfg.serve
-        if len(self.pending) >= s.max_queued_generations:
-            return error(503, f"queue full: {len(self.pending)} scenes waiting; retry later",
-                         {"Retry-After": str(s.retry_after_s)})
         scene_id = new_scene_id()
         sampling = self.cfg.sampling
         seed = req.seed if req.seed is not None else sampling.seed
         if seed is None:
             seed = seed_from(req.prompt)
-        job = {"id": scene_id, "prompt": req.prompt, "seed": seed,
-               "steps": req.steps or sampling.steps, "guidance": sampling.guidance if req.guidance is None else req.guidance}
-        # Reserve the slot before the first await so concurrent requests cannot overshoot the limit.
-        self.pending[scene_id] = None
+        job_request = {"prompt": req.prompt, "seed": seed, "steps": req.steps or sampling.steps,
+                       "guidance": sampling.guidance if req.guidance is None else req.guidance}
         try:
-            record = await asyncio.to_thread(self.store.put_status, scene_id, "queued",
-                                             request={k: v for k, v in job.items() if k != "id"})
+            # shielded: a client that disconnects cancels this await, never the admission (or the job)
+            job = await asyncio.shield(self._detached(self._admit(scene_id, job_request)))
         except Exception as exc:  # noqa: BLE001
-            self.pending.pop(scene_id, None)
             log.exception("store unavailable")
             return error(503, f"result store unavailable: {type(exc).__name__}", {"Retry-After": str(s.retry_after_s)})
-        self.pending[scene_id] = asyncio.get_running_loop().create_task(self._generate(scene_id, job))
+        if job is None:
+            return error(503, f"queue full: {s.max_queued_generations} scenes waiting; retry later",
+                         {"Retry-After": str(s.retry_after_s)})
         self._maybe_apply_retention()
-        links = self._links(request, scene_id, record)
-        return JSONResponse({"id": scene_id, "status": record["status"], "links": links},
+        links = self._links(request, scene_id, {})
+        return JSONResponse({"id": scene_id, "status": "queued", "links": links},
                             status_code=202, headers={"Location": links["self"]})
 
     @app.get("/v1/scenes/{scene_id}", summary="Status of a scene: queued, running, done or failed (with reason)")
@@ -365,10 +491,17 @@ class SceneAPI:
         return Response(data, media_type=SCENE_FILES[name],
                         headers={"Cache-Control": "private, max-age=3600"})
 
-    @app.get("/healthz", summary="Liveness of this ingress replica")
+    @app.get("/healthz", summary="Liveness of this ingress replica and the open jobs of the whole endpoint")
     async def healthz(self):
-        return {"status": "ok", "pending": len(self.pending), "max_queued_generations": self.cfg.serve.max_queued_generations,
+        self._ensure_recovery()
+        return {"status": "ok", "pending": len(await asyncio.to_thread(self.store.open_jobs)),
+                "running_here": len(self.running), "max_queued_generations": self.cfg.serve.max_queued_generations,
                 "api_key_required": self.api_key is not None}
+
+    async def check_health(self):
+        """Serve's periodic health check: also (re)starts the take-over loop, so a replica with no traffic,
+        one started after a crash included, still picks up expired jobs."""
+        self._ensure_recovery()
 
     # -- viewer page and API docs
 
@@ -390,8 +523,15 @@ class SceneAPI:
         if package not in VENDOR_ROOTS:
             return error(404, "unknown package")
         root = (NODE_MODULES / VENDOR_ROOTS[package]).resolve()
-        target = (root / path).resolve()
-        if not target.is_relative_to(root) or not target.is_file():
+        # a NUL byte or an over-long name is no file we serve: 404 (the OS would raise on it: a 500)
+        if "\x00" in path or len(path) > MAX_VENDOR_PATH or any(len(p.encode()) > 255 for p in path.split("/")):
+            return error(404, f"not found: {package}/{path[:80]!r}")
+        try:
+            target = (root / path).resolve()
+            found = target.is_relative_to(root) and target.is_file()
+        except (OSError, ValueError):
+            found = False
+        if not found:
             hint = "" if root.is_dir() else " (browser packages not installed: run `npm install` in the repository)"
             return error(404, f"not found: {package}/{path}{hint}")
         media = "text/javascript" if target.suffix in (".js", ".mjs") else None

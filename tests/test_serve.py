@@ -83,6 +83,41 @@ def check_store(store: SceneStore):
     assert store.get_status(ids[1]) is None and store.read_file(ids[1], "scene.ply") is None
 
 
+def test_store_queue_local(tmp_path):
+    check_queue(str(tmp_path / "store"))
+
+
+def test_store_queue_s3(s3_bucket):
+    check_queue(f"s3://{s3_bucket}/serve")
+
+
+def check_queue(root: str):
+    """The store is the queue of record: admission counts its open jobs (two replicas share one limit),
+    leases, take-over of an expired job by another replica, closing."""
+    a, b = SceneStore(root), SceneStore(root)  # two ingress replicas on one store
+    now = time.time()
+    ids = [new_scene_id(now + k / 1000) for k in range(4)]
+    assert a.admit(ids[0], {"prompt": "p0"}, "A", 30, limit=2)["attempt"] == 1
+    assert b.admit(ids[1], {"prompt": "p1"}, "B", 30, limit=2) is not None
+    assert a.admit(ids[2], {"prompt": "p2"}, "A", 30, limit=2) is None  # 2 open: refused, and withdrawn
+    assert b.admit(ids[3], {"prompt": "p3"}, "B", 30, limit=2) is None
+    assert a.open_jobs() == b.open_jobs() == ids[:2] and a.get_status(ids[2]) is None
+    assert a.get_status(ids[0])["status"] == "queued" and a.get_status(ids[0])["request"] == {"prompt": "p0"}
+    # a leased job is not taken over; an expired one is, by any replica, with its attempt counted
+    assert b.claim(ids[0], "B", 30) is None
+    assert a.renew(ids[0], "A", 30, attempt=1) and not b.renew(ids[0], "B", 30)
+    job = b.claim(ids[0], "B", 30, now=time.time() + 31)
+    assert job == {**job, "id": ids[0], "owner": "B", "attempt": 2, "request": {"prompt": "p0"}}
+    assert not a.renew(ids[0], "A", 30)  # A lost it: its renewals stop
+    # a job whose result landed before its replica died is closed on take-over, not run again
+    b.put_status(ids[1], "done", result={"files": []})
+    assert a.claim(ids[1], "A", 30, now=time.time() + 31) is None and a.open_jobs() == [ids[0]]
+    b.finish_job(ids[0])
+    assert a.open_jobs() == [] and a.admit(ids[2], {"prompt": "p2"}, "A", 30, limit=2) is not None
+    a.delete(ids[2])
+    assert a.open_jobs() == [] and a.ids() == ids[:2]  # jobs/ is no scene
+
+
 class StubGenerator:
     """Stands in for SceneGenerator to test run_batch's bookkeeping: fails any batch holding 'boom'."""
 
@@ -256,8 +291,16 @@ def test_bad_inputs_answer_with_status_and_field(client, serve_app):
     big = {"prompt": "a" * 5000}
     r = client.post("/v1/scenes", json=big)
     assert r.status_code == 413 and "over the limit of 4096" in r.json()["detail"]
-    r = client.post("/v1/scenes", content=iter([b'{"prompt": "', b"a" * 5000, b'"}']))  # chunked: no Content-Length
+    r = client.post("/v1/scenes", content=iter([b'{"prompt": "', b"a" * 5000, b'"}']),  # chunked: no Content-Length
+                    headers={"content-type": "application/json"})
     assert r.status_code == 413 and "over the limit of 4096" in r.json()["detail"]
+    # a body that is not declared JSON: 415 naming the type expected (a form post, text, no type at all)
+    for headers in ({"content-type": "application/x-www-form-urlencoded"}, {"content-type": "text/plain"}, {}):
+        r = client.post("/v1/scenes", content=b'{"prompt": "a"}', headers=headers)
+        assert r.status_code == 415 and "Content-Type must be application/json" in r.json()["detail"], (headers, r.text)
+    r = client.post("/v1/scenes", content=b'{"prompt": "a", "seed": 1.5}',
+                    headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 422  # parameters after the type are fine
 
     unknown = new_scene_id()
     for path in (f"/v1/scenes/{unknown}", "/v1/scenes/not-an-id", f"/v1/scenes/{unknown}/scene.ply"):
@@ -320,6 +363,9 @@ def test_docs_health_and_viewer_page(client, repo_root):
     assert "http://" not in page.text and "https://" not in page.text  # everything from this server, no CDN
     assert client.get("/vendor/three/../../pyproject.toml").status_code == 404
     assert client.get("/vendor/other/x.js").status_code == 404
+    for path in ("/vendor/three/a%00b.js", "/vendor/three/" + "x" * 300 + ".js", "/vendor/three/" + "a/" * 400 + "b.js"):
+        r = client.get(path)
+        assert r.status_code == 404 and "not found" in r.json()["detail"], (path[:40], r.status_code)
     if os.path.isdir(os.path.join(repo_root, "node_modules")):
         js = client.get("/vendor/spark/spark.module.js")
         assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
