@@ -117,6 +117,63 @@ def cmd_weights_manifest(args) -> int:
     return 0
 
 
+EPILOG_DATASET = """\
+examples:
+  vist3a dataset filter out/dataset --out out/dataset/manifest.good.parquet --min-clip 25 --min-consistency 20
+  vist3a dataset filter s3://bucket/ds --out s3://bucket/ds/manifest.clean.parquet --max-floaters 0.02 --cameras-ok
+  vist3a dataset filter out/eval/scenes.parquet --out out/eval/best.parquet --min aesthetic=5.5
+
+Keeps the rows with status done whose scores pass every test; a score that was not computed (null) fails
+its test. The input is a dataset (its manifest) or any Parquet file with score columns (pipelines.evaluate's
+scenes.parquet). Score columns and their meaning: README "Scene scores".
+"""
+
+SHORTCUTS = {"min_clip": ("min", "clip_score"), "min_aesthetic": ("min", "aesthetic"),
+             "min_consistency": ("min", "consistency_psnr"), "min_ssim": ("min", "consistency_ssim"),
+             "max_floaters": ("max", "floater_frac")}
+
+
+def _bound(item: str) -> tuple[str, float]:
+    col, sep, value = item.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return col.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected COLUMN=NUMBER, got {item!r}") from None
+
+
+def cmd_dataset_filter(args) -> int:
+    import io
+
+    import pyarrow.parquet as pq
+
+    from vist3a.config import StorageConfig
+    from vist3a.dataset import read_manifest
+    from vist3a.evaluation import filter_scores
+    from vist3a.io import read_bytes, write_bytes
+
+    storage = StorageConfig(s3_endpoint=args.s3_endpoint) if args.s3_endpoint else None
+    if args.source.endswith(".parquet"):
+        table = pq.read_table(io.BytesIO(read_bytes(args.source, storage)))
+    else:
+        table = read_manifest(args.source, storage)
+        if not table.num_rows:
+            raise FileNotFoundError(f"no manifest at {args.source} (looked for manifest.parquet and manifest/parts/)")
+    minimum, maximum = dict(args.min), dict(args.max)
+    for flag, (kind, col) in SHORTCUTS.items():
+        if getattr(args, flag) is not None:
+            (minimum if kind == "min" else maximum)[col] = getattr(args, flag)
+    if args.cameras_ok:
+        minimum["camera_ok"] = 1.0
+    kept, dropped = filter_scores(table, minimum, maximum)
+    buf = io.BytesIO()
+    pq.write_table(kept, buf)
+    write_bytes(args.out, buf.getvalue(), storage)
+    print(json.dumps({"out": args.out, "rows": table.num_rows, "kept": kept.num_rows, "dropped_by": dropped}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vist3a",
@@ -156,6 +213,24 @@ def build_parser() -> argparse.ArgumentParser:
     wm = wsub.add_parser("manifest", help="write DIR/vist3a-manifest.json (sizes + SHA-256) for an s3:// upload")
     wm.add_argument("directory", help="local weights directory")
     wm.set_defaults(func=cmd_weights_manifest)
+
+    d = sub.add_parser("dataset", help="work with a generated dataset's manifest", epilog=EPILOG_DATASET,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    dsub = d.add_subparsers(dest="dataset_command", required=True)
+    df = dsub.add_parser("filter", help="write the manifest rows whose scores pass the given thresholds",
+                         epilog=EPILOG_DATASET, formatter_class=argparse.RawDescriptionHelpFormatter)
+    df.add_argument("source", help="dataset directory / s3:// prefix (its manifest), or a .parquet file")
+    df.add_argument("--out", required=True, help="where to write the filtered manifest (.parquet; local or s3://)")
+    df.add_argument("--min-clip", type=float, help="clip_score >= X (100 x cosine)")
+    df.add_argument("--min-aesthetic", type=float, help="aesthetic >= X")
+    df.add_argument("--min-consistency", type=float, help="consistency_psnr >= X (dB)")
+    df.add_argument("--min-ssim", type=float, help="consistency_ssim >= X")
+    df.add_argument("--max-floaters", type=float, help="floater_frac <= X")
+    df.add_argument("--cameras-ok", action="store_true", help="camera_ok == 1 (every predicted camera valid)")
+    df.add_argument("--min", type=_bound, action="append", default=[], metavar="COLUMN=X", help="any score column >= X")
+    df.add_argument("--max", type=_bound, action="append", default=[], metavar="COLUMN=X", help="any score column <= X")
+    df.add_argument("--s3-endpoint", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    df.set_defaults(func=cmd_dataset_filter)
     return parser
 
 
