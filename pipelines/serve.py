@@ -171,7 +171,8 @@ def run_batch(generator: SceneGenerator, store: SceneStore, jobs: list[dict], pl
                 names = store.put_files(job["id"], scene_files(scene, meta, ply_sh_degree))
                 outcomes[job["id"]] = {"status": "done", "result": {
                     "num_gaussians": meta["num_gaussians"], "bbox_min": meta["bbox_min"], "bbox_max": meta["bbox_max"],
-                    "files": names, "generate_s": round(seconds, 3), "timings": meta["timings"]}}
+                    "files": names, "generate_s": round(seconds, 3), "timings": meta["timings"],
+                    "scores": meta.get("scores", {})}}
             except Exception as exc:  # noqa: BLE001
                 outcomes[job["id"]] = {"status": "failed", "reason": f"writing results failed: {type(exc).__name__}: {exc}"[:500]}
     out = []

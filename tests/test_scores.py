@@ -235,4 +235,16 @@ def test_scores_are_computed_where_the_scene_is_made_and_land_in_meta(tmp_path):
     assert scene.scores["camera_ok"] == 1.0 and "floater_frac" not in scene.scores
     meta = json.loads(scene_files(scene, gen.meta(scene))["meta.json"])
     assert meta["scores"] == pytest.approx(scene.scores) and "score_s" in meta["timings"]
+
+    # Serve's result record carries them (the model side of pipelines.serve, run here without Ray)
+    from pipelines.serve import run_batch
+    from vist3a.io.scene_store import SceneStore, new_scene_id
+
+    store, sid = SceneStore(str(tmp_path / "store")), new_scene_id()
+    store.put_status(sid, "queued")
+    gen.decoder.forward = forward
+    (outcome,) = run_batch(gen, store, [{"id": sid, "prompt": "a red barn", "seed": 3}])
+    assert outcome["status"] == "done", outcome
+    record = store.get_status(sid)["result"]["scores"]
+    assert record == pytest.approx(scene.scores)  # same prompt and seed: the same scene, the same scores
     assert not load_config().generate.scores  # off by default
