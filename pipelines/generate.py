@@ -30,8 +30,8 @@ from ray.data import ActorPoolStrategy
 from pipelines.ray_setup import init_ray, run_isolated, set_torch_threads
 from vist3a import __version__
 from vist3a.config import Config, ConfigError, StorageConfig, load_config
-from vist3a.dataset import (RESULT_SCHEMA, STAGE_SCHEMA, compact_manifest, empty_manifest_row, now_utc, recorded_ids,
-                            typed_table, write_manifest_part, write_scene)
+from vist3a.dataset import (RESULT_SCHEMA, STAGE_SCHEMA, compact_manifest, empty_manifest_row, file_columns, now_utc,
+                            recorded_ids, typed_table, write_manifest_part, write_scene)
 from vist3a.generator import SceneGenerator, scene_files
 from vist3a.io import ensure_writable, remove_temp_files
 from vist3a.io.prompts import read_prompts
@@ -86,7 +86,7 @@ class GenerateScenes:
         return typed_table(rows, STAGE_SCHEMA, "prompt row")
 
 
-def write_scenes(batch: pa.Table, output: str, storage: dict, ply_sh_degree: int) -> pa.Table:
+def write_scenes(batch: pa.Table, output: str, storage: dict, ply_sh_degree: int, formats: list[str]) -> pa.Table:
     """CPU stage: encode and upload each scene, then commit the batch's manifest part."""
     storage_cfg = StorageConfig.model_validate(storage)
     rows = []
@@ -99,13 +99,13 @@ def write_scenes(batch: pa.Table, output: str, storage: dict, ply_sh_degree: int
             scene, meta = pickle.loads(item["scene"]), json.loads(meta)
             t0 = time.perf_counter()
             try:
-                uris = write_scene(output, row["id"], scene_files(scene, meta, ply_sh_degree), storage_cfg)
+                files = scene_files(scene, meta, ply_sh_degree, formats)
+                uris = write_scene(output, row["id"], files, storage_cfg)
             except Exception as exc:  # noqa: BLE001 - recorded; the id is retried by --retry-failed
                 err = f"write failed: {type(exc).__name__}: {exc}"[:500]
             else:
                 row.update(
-                    status="done", scene_uri=uris["scene.ply"], preview_uri=uris.get("preview.png"),
-                    cameras_uri=uris["cameras.json"], num_gaussians=meta["num_gaussians"],
+                    status="done", **file_columns(uris, files), num_gaussians=meta["num_gaussians"],
                     bbox_min=meta["bbox_min"], bbox_max=meta["bbox_max"], preset=meta["preset"],
                     negative_prompt=meta["negative_prompt"], prompt_template=meta["prompt_template"],
                     weights_fingerprint=meta["weights_fingerprint"], write_s=time.perf_counter() - t0,
@@ -174,7 +174,8 @@ def build_dataset(cfg: Config, todo: pa.Table):
                         compute=ActorPoolStrategy(size=job.actors), num_gpus=job.gpus_per_actor or None,
                         num_cpus=job.cpus_per_actor, batch_size=job.batch_size, batch_format="pyarrow")
     ds = ds.map_batches(write_scenes, fn_kwargs={"output": job.output, "storage": cfg.storage.model_dump(),
-                                                 "ply_sh_degree": cfg.splats.ply_sh_degree},
+                                                 "ply_sh_degree": cfg.splats.ply_sh_degree,
+                                                 "formats": cfg.splats.formats},
                         num_cpus=job.cpu_stage_cpus, batch_size=job.batch_size, batch_format="pyarrow")
     return ds
 

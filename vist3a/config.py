@@ -196,15 +196,35 @@ class SamplingConfig(Strict):
         return v
 
 
+SplatFormat = Literal["ply", "spz"]
+
+
 class SplatOutputConfig(Strict):
-    voxel_size: float | None = Field(None, gt=0, description="merge pixel-aligned Gaussians per voxel (world units); None keeps all")
+    """What a scene becomes on disk: the compaction steps (vist3a.splats.compact, in this order: voxel merge,
+    opacity pruning, count cap, SH truncation; each recorded in meta.json) and the files written."""
+
+    voxel_size: float | None = Field(None, gt=0, description="merge Gaussians per voxel (world units; confidence-weighted "
+                                                             "moment matching); None keeps all")
     min_opacity: float = Field(0.0, ge=0.0, lt=1.0, description="drop Gaussians below this opacity")
+    max_gaussians: int | None = Field(None, ge=1, description="keep at most this many: the largest opacity x projected "
+                                                              "area at the predicted cameras; None: no cap")
+    sh_degree: int | None = Field(None, ge=0, le=4, description="truncate the scene's SH to this degree; None keeps it")
+    formats: list[SplatFormat] = Field(["ply"], min_length=1, description="scene files: ply (INRIA layout, "
+                                                                          "scene.ply), spz (Niantic SPZ v3, scene.spz)")
     ply_sh_degree: int = Field(3, ge=0, le=3, description="SH degree written to .ply (viewers read <= 3); 0: DC colour only")
     postprocess: Literal["vist3a", "anysplat"] = Field(
         "vist3a", description="anysplat: AnySplat's own voxelize/conf masking/opacity_conf, read from the config.json "
-                              "beside model.recon.weights; vist3a: voxel_size and min_opacity here")
+                              "beside model.recon.weights, inside the decoder; vist3a: none there. The compaction "
+                              "steps above run after either")
     preview_views: int = Field(4, ge=0, le=64)
     preview_size: int = Field(256, ge=16, le=4096)
+
+    @field_validator("formats")
+    @classmethod
+    def _unique_formats(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each format at most once, got {v}")
+        return v
 
 
 class RuntimeConfig(Strict):
@@ -504,9 +524,6 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _check_cross(self) -> "Config":
-        if self.splats.postprocess == "anysplat" and self.splats.voxel_size is not None:
-            raise ValueError(f"splats.voxel_size is {self.splats.voxel_size} but splats.postprocess is 'anysplat' (its "
-                             "config.json decides the voxels): unset one of them")
         if self.model.video.transformer.text_dim != self.model.video.text_encoder.d_model and self.model.video.source == "random":
             raise ValueError(
                 f"model.video.transformer.text_dim ({self.model.video.transformer.text_dim}) must equal "

@@ -38,9 +38,18 @@ MANIFEST_SCHEMA = pa.schema([
     ("source", pa.string()),
     ("status", pa.string()),              # done | failed
     ("error", pa.string()),
-    ("scene_uri", pa.string()),
+    ("scene_uri", pa.string()),           # the .ply when one is written, else the .spz
     ("preview_uri", pa.string()),
     ("cameras_uri", pa.string()),
+    # every file's URI and size (splats.formats decides which scene files exist); older parts read with nulls
+    ("ply_uri", pa.string()),
+    ("spz_uri", pa.string()),
+    ("meta_uri", pa.string()),
+    ("ply_bytes", pa.int64()),
+    ("spz_bytes", pa.int64()),
+    ("preview_bytes", pa.int64()),
+    ("cameras_bytes", pa.int64()),
+    ("meta_bytes", pa.int64()),
     ("num_gaussians", pa.int64()),
     ("bbox_min", pa.list_(pa.float32(), 3)),
     ("bbox_max", pa.list_(pa.float32(), 3)),
@@ -92,7 +101,21 @@ def typed_table(rows: list[dict], schema: pa.Schema, what: str = "row") -> pa.Ta
         raise
 
 
-SCENE_FILES = {"scene.ply": ".ply", "preview.png": ".png", "cameras.json": ".cameras.json", "meta.json": ".meta.json"}
+SCENE_FILES = {"scene.ply": ".ply", "scene.spz": ".spz", "preview.png": ".png", "cameras.json": ".cameras.json",
+               "meta.json": ".meta.json"}
+#: manifest column prefix of each scene file (<prefix>_uri, <prefix>_bytes)
+FILE_COLUMNS = {"scene.ply": "ply", "scene.spz": "spz", "preview.png": "preview", "cameras.json": "cameras",
+                "meta.json": "meta"}
+
+
+def file_columns(uris: dict[str, str], files: dict[str, bytes]) -> dict:
+    """Manifest columns of a written scene: each file's URI and bytes, and scene_uri (.ply, else .spz)."""
+    cols = {}
+    for name, prefix in FILE_COLUMNS.items():
+        cols[f"{prefix}_uri"] = uris.get(name)
+        cols[f"{prefix}_bytes"] = len(files[name]) if name in files else None
+    cols["scene_uri"] = uris.get("scene.ply") or uris.get("scene.spz")
+    return cols
 
 
 def shard_of(scene_id: str) -> str:

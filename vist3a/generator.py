@@ -21,9 +21,11 @@ from vist3a.ids import fingerprint, seed_from
 from vist3a.io import join, write_bytes
 from vist3a.models import build_stitched_decoder, build_video
 from vist3a.scores import SceneScorer, check_scorers
+from vist3a.splats.compact import CompactSettings, compact
 from vist3a.splats.gaussians import Cameras, Gaussians
 from vist3a.splats.ply import ply_bytes
 from vist3a.splats.preview import png_bytes, render_previews, save_preview_grid
+from vist3a.splats.spz import spz_bytes
 from vist3a.weights import prepare_weights
 
 PACKAGES = ("vist3a", "torch", "diffusers", "transformers", "peft", "gsplat", "numpy")
@@ -56,6 +58,7 @@ class Scene:
     previews: list[Image.Image]
     timings: dict[str, float] = field(default_factory=dict)
     negative_prompt: str = ""
+    compaction: dict = field(default_factory=dict)  # {"decoded": count, "steps": [...]} (vist3a.splats.compact)
     scores: dict[str, float] = field(default_factory=dict)   # generate.scores (vist3a.scores), NaN where not computable
     steps: int | None = None         # the sampling steps and guidance this scene was generated with
     guidance: float | None = None
@@ -142,11 +145,20 @@ class SceneGenerator:
         )
         t1 = time.perf_counter()
         o = self.cfg.splats
-        decoded = self.decoder(latents, voxel_size=o.voxel_size, min_opacity=o.min_opacity)
-        t2 = time.perf_counter()
+        decoded = self.decoder(latents)
+        settings = CompactSettings(voxel_size=o.voxel_size, min_opacity=o.min_opacity, max_gaussians=o.max_gaussians,
+                                   sh_degree=o.sh_degree)
         scenes = []
+        compacted = []
         for i in range(n):
             g = decoded.gaussians[i].detach()
+            params = decoded.recon.gaussian_params if decoded.recon is not None else None
+            # the head's confidence weights the voxel merge while the Gaussians are still one per pixel
+            conf = params[i, ..., -1].reshape(-1).float() if params is not None and params[i, ..., -1].numel() == g.num else None
+            small, report = compact(g, settings, confidence=conf, cameras=decoded.cameras[i])
+            compacted.append((small, {"decoded": g.num, "steps": report}))
+        t2 = time.perf_counter()
+        for i, (g, compaction) in enumerate(compacted):
             t_r = time.perf_counter()
             previews = render_previews(g, o.preview_views, o.preview_size, backend=self.cfg.runtime.renderer) if o.preview_views else []
             render_s = time.perf_counter() - t_r
@@ -159,7 +171,7 @@ class SceneGenerator:
                 previews=previews, steps=steps, guidance=guidance,
                 timings={"sample_s": (t1 - t0) / n, "decode_s": (t2 - t1) / n, "render_s": render_s,
                          **({"score_s": time.perf_counter() - t_s} if self.scorer else {})},
-                scores=scores,
+                scores=scores, compaction=compaction,
             ))
         return scenes
 
@@ -176,6 +188,7 @@ class SceneGenerator:
             "sampling": {**self.cfg.sampling.model_dump(),
                          **{k: v for k, v in (("steps", scene.steps), ("guidance", scene.guidance)) if v is not None}},
             "num_gaussians": scene.num_gaussians,
+            "compaction": scene.compaction,
             "bbox_min": lo,
             "bbox_max": hi,
             "timings": scene.timings,
@@ -185,13 +198,22 @@ class SceneGenerator:
         }
 
 
-def scene_files(scene: Scene, meta: dict, ply_sh_degree: int = 3) -> dict[str, bytes]:
-    """The files of one scene, as bytes: scene.ply (INRIA layout), preview.png, cameras.json, meta.json."""
-    files = {
-        "scene.ply": ply_bytes(scene.gaussians, sh_degree=ply_sh_degree),
-        "cameras.json": json.dumps(scene.cameras.to_json(), indent=1).encode(),
-        "meta.json": json.dumps(meta, indent=1).encode(),
-    }
+SCENE_FORMATS = {"ply": "scene.ply", "spz": "scene.spz"}
+
+
+def scene_files(scene: Scene, meta: dict, ply_sh_degree: int = 3, formats=("ply",)) -> dict[str, bytes]:
+    """The files of one scene, as bytes: scene.ply (INRIA layout) and/or scene.spz (SPZ v3) as `formats`
+    (splats.formats) say, preview.png, cameras.json, meta.json."""
+    unknown = [f for f in formats if f not in SCENE_FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"scene formats {list(formats)}: each must be one of {sorted(SCENE_FORMATS)}, at least one")
+    files = {}
+    if "ply" in formats:
+        files["scene.ply"] = ply_bytes(scene.gaussians, sh_degree=ply_sh_degree)
+    if "spz" in formats:
+        files["scene.spz"] = spz_bytes(scene.gaussians)
+    files["cameras.json"] = json.dumps(scene.cameras.to_json(), indent=1).encode()
+    files["meta.json"] = json.dumps(meta, indent=1).encode()
     if scene.previews:
         files["preview.png"] = png_bytes(save_preview_grid(scene.previews))
     return files
@@ -208,6 +230,7 @@ def generate_scene(prompt: str, out: str | None = None, config: Config | str | N
     scene.timings["total_s"] = time.perf_counter() - t0
     if out is not None:
         meta = generator.meta(scene)
-        for name, data in scene_files(scene, meta, generator.cfg.splats.ply_sh_degree).items():
+        o = generator.cfg.splats
+        for name, data in scene_files(scene, meta, o.ply_sh_degree, o.formats).items():
             write_bytes(join(out, name), data, generator.cfg.storage)
     return scene

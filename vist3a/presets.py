@@ -55,7 +55,10 @@ _VIST3A_STITCH = {**_STITCH, "weights": f"hf://{VIST3A_REPO}/anysplat_stitched.p
                   "lora_alpha": 32.0, "readd_pos_embed": True, "frames_antialias": False}
 _VIST3A_RECON = {**_ANYSPLAT, "dtype": "bfloat16"}
 _VIST3A_SAMPLING = {**_SAMPLING, "prompt_template": ORBIT_TEMPLATE, "negative_prompt": VIST3A_NEGATIVE_PROMPT}
-_VIST3A_SPLATS = {"ply_sh_degree": 0, "postprocess": "anysplat"}
+# Compact scene files for the real models (benchmarks/compact_scenes.py measures bytes against re-render PSNR):
+# SPZ with the DC colour only; `splats.formats=[ply, spz]` adds the .ply.
+_COMPACT_SPLATS = {"formats": ["spz"], "sh_degree": 0}
+_VIST3A_SPLATS = {**_COMPACT_SPLATS, "ply_sh_degree": 0, "postprocess": "anysplat"}
 
 
 def _vist3a(wan: dict[str, Any], lora: str) -> dict[str, Any]:
@@ -68,11 +71,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Small configs with seeded random weights: the whole path on a CPU in seconds.
     "tiny": {},
     "wan2.1-1.3b+anysplat": {"model": {"video": _WAN_1_3B, "recon": _ANYSPLAT, "stitch": _STITCH},
-                             "sampling": _SAMPLING, "runtime": {"dtype": "bfloat16"}},
+                             "sampling": _SAMPLING, "splats": _COMPACT_SPLATS, "runtime": {"dtype": "bfloat16"}},
     "wan2.1-1.3b+vggt": {"model": {"video": _WAN_1_3B, "recon": _VGGT, "stitch": _STITCH},
                          "sampling": {**_SAMPLING, "height": 592, "width": 592}, "runtime": {"dtype": "bfloat16"}},
     "wan2.1-14b+anysplat": {"model": {"video": _WAN_14B, "recon": _ANYSPLAT, "stitch": _STITCH},
-                            "sampling": _SAMPLING, "runtime": {"dtype": "bfloat16"}},
+                            "sampling": _SAMPLING, "splats": _COMPACT_SPLATS, "runtime": {"dtype": "bfloat16"}},
     "vist3a-1.3b": _vist3a(_WAN_1_3B, "vist3a_1.3b_lora_ema"),
     "vist3a-14b": _vist3a(_WAN_14B, "vist3a_14b_lora_ema"),
 }
