@@ -131,7 +131,8 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
 # ----------------------------------------------------------------------------- model side
 
 
-def run_batch(generator: SceneGenerator, store: SceneStore, jobs: list[dict], ply_sh_degree: int = 3) -> list[dict]:
+def run_batch(generator: SceneGenerator, store: SceneStore, jobs: list[dict], ply_sh_degree: int = 3,
+              formats: tuple[str, ...] | list[str] = ("ply",)) -> list[dict]:
     """Generate `jobs` (dicts: id, prompt, seed, steps, guidance) and record each as done or failed.
 
     One generator call per distinct (steps, guidance) group; a group that raises is retried one
@@ -168,7 +169,7 @@ def run_batch(generator: SceneGenerator, store: SceneStore, jobs: list[dict], pl
         for job, scene in results:
             try:
                 meta = generator.meta(scene)
-                names = store.put_files(job["id"], scene_files(scene, meta, ply_sh_degree))
+                names = store.put_files(job["id"], scene_files(scene, meta, ply_sh_degree, formats))
                 outcomes[job["id"]] = {"status": "done", "result": {
                     "num_gaussians": meta["num_gaussians"], "bbox_min": meta["bbox_min"], "bbox_max": meta["bbox_max"],
                     "files": names, "generate_s": round(seconds, 3), "timings": meta["timings"],
@@ -208,7 +209,8 @@ class SceneModel:
     async def generate(self, jobs: list[dict]) -> list[dict]:
         self.batch_sizes[len(jobs)] += 1
         # In a thread: the replica's event loop keeps answering health checks and queueing callers.
-        return await asyncio.to_thread(run_batch, self.generator, self.store, jobs, self.cfg.splats.ply_sh_degree)
+        return await asyncio.to_thread(run_batch, self.generator, self.store, jobs, self.cfg.splats.ply_sh_degree,
+                                       self.cfg.splats.formats)
 
     def stats(self) -> dict[int, int]:
         """How many generator calls of each batch size this replica made (the benchmark reports them)."""
@@ -477,7 +479,7 @@ class SceneAPI:
             return error(404, f"no scene with id {scene_id!r}")
         return {**record, "links": self._links(request, scene_id, record)}
 
-    @app.get("/v1/scenes/{scene_id}/{name}", summary="A result file: scene.ply, preview.png, cameras.json or meta.json")
+    @app.get("/v1/scenes/{scene_id}/{name}", summary="A result file: scene.ply and/or scene.spz (splats.formats), preview.png, cameras.json or meta.json")
     async def get_scene_file(self, scene_id: str, name: str, request: Request):
         if (denied := self._unauthorized(request)) is not None:
             return denied

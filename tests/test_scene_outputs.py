@@ -103,3 +103,19 @@ def test_bulk_write_stage_records_every_file_uri_and_bytes(generators, tmp_path)
     (part,) = (tmp_path / "spz_only" / "manifest" / "parts").iterdir()
     row = pq.read_table(part, schema=MANIFEST_SCHEMA).to_pylist()[0]
     assert row["ply_uri"] is None and row["ply_bytes"] is None and row["scene_uri"] == row["spz_uri"]
+
+
+def test_serve_run_batch_writes_and_lists_scene_spz(generators, tmp_path):
+    """Serve's batch step (no Ray) with splats.formats [spz]: scene.spz is stored, listed and readable."""
+    from pipelines.serve import run_batch
+    from vist3a.io.scene_store import SceneStore, new_scene_id
+
+    _, small = generators
+    store = SceneStore(str(tmp_path))
+    job = {"id": new_scene_id(), "prompt": "a canal boat", "seed": 4, "steps": 2, "guidance": 5.0}
+    store.put_status(job["id"], "queued")
+    (out,) = run_batch(small, store, [job], ply_sh_degree=0, formats=["spz"])
+    assert out["status"] == "done", out
+    assert "scene.spz" in out["result"]["files"] and "scene.ply" not in out["result"]["files"]
+    assert read_spz(store.read_file(job["id"], "scene.spz")).num == out["result"]["num_gaussians"]
+    assert store.read_file(job["id"], "scene.ply") is None

@@ -2,7 +2,7 @@
 
     <root>/<id>/status.json   {"id", "status": queued|running|done|failed, "reason", "request", "result",
                                "attempt", times}: what a client sees
-    <root>/<id>/scene.ply, preview.png, cameras.json, meta.json   (once done)
+    <root>/<id>/scene.ply and/or scene.spz, preview.png, cameras.json, meta.json   (once done)
     <root>/jobs/<id>.json     an open job: {"id", "request", "attempt", "owner", "lease_until"}; it exists
                               from admission until the job's status is final (done or failed)
 
@@ -26,7 +26,7 @@ from vist3a.io.uri import filesystem, join, read_bytes, write_bytes
 
 STATUSES = ("queued", "running", "done", "failed")
 UNFINISHED = ("queued", "running")
-SCENE_FILES = {"scene.ply": "application/octet-stream", "preview.png": "image/png",
+SCENE_FILES = {"scene.ply": "application/octet-stream", "scene.spz": "application/octet-stream", "preview.png": "image/png",
                "cameras.json": "application/json", "meta.json": "application/json"}
 STATUS_FILE = "status.json"
 JOBS_DIR = "jobs"
