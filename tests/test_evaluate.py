@@ -16,7 +16,8 @@ from vist3a.config import SCORE_COLUMNS as ALL_GROUPS
 from vist3a.config import load_config
 from vist3a.dataset import MANIFEST_SCHEMA, empty_manifest_row, read_manifest, write_manifest_part
 from vist3a.evaluation import (ALL_SCORES, EVAL_SCHEMA, compare, empty_eval_row, filter_scores, mean_ci, read_eval,
-                               recorded_keys, summarize, summary_markdown, t_quantile, write_eval_part)
+                               recorded_keys, score_saved_scene, summarize, summary_markdown, t_quantile,
+                               write_eval_part)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -174,3 +175,25 @@ def test_evaluate_deploy_configs(repo_root):
     gen = load_config(os.path.join(repo_root, "deploy/generate.cluster.yaml"))
     assert gen.generate.scores == list(ALL_GROUPS) and gen.evaluate.scorers.clip.startswith("s3://")
     assert not load_config(os.path.join(repo_root, "deploy/generate.yaml")).generate.scores  # off by default
+
+
+def test_a_saved_scene_scores_as_in_memory_from_ply_and_spz(tmp_path):
+    """score_saved_scene reads what the bulk job wrote (.ply, or .spz for the real presets) and cameras.json."""
+    from vist3a.generator import generate_scene
+    from vist3a.scores import SceneScorer, splat_scores
+    from vist3a.splats.spz import spz_bytes
+
+    scene = generate_scene("a red barn", out=str(tmp_path), seed=2, config=load_config(None, ["sampling.steps=2",
+                                                                                             "splats.preview_views=0"]))
+    (tmp_path / "scene.spz").write_bytes(spz_bytes(scene.gaussians))
+    scorer = SceneScorer(["consistency", "splats", "floaters", "cameras"])
+    want = scorer.score(scene.gaussians, scene.cameras, scene.prompt)
+    for name in ("scene.ply", "scene.spz"):
+        row = {"scene_uri": str(tmp_path / name), "cameras_uri": str(tmp_path / "cameras.json"), "prompt": scene.prompt,
+               "consistency_psnr": 21.5, "consistency_ssim": None}
+        got = score_saved_scene(scorer, row)
+        assert got["consistency_psnr"] == 21.5 and math.isnan(got["consistency_ssim"])  # from the manifest row
+        assert got["camera_ok"] == 1.0 and got["camera_jump"] == pytest.approx(want["camera_jump"], rel=1e-4)
+        tol = 1e-4 if name == "scene.ply" else 2e-2  # SPZ quantises positions, scales and opacities
+        for c in splat_scores(scene.gaussians):
+            assert got[c] == pytest.approx(want[c], rel=tol, abs=tol), (name, c)

@@ -24,6 +24,7 @@ from vist3a.io.uri import exists, filesystem, join, read_bytes, read_text, write
 from vist3a.scores import SceneScorer
 from vist3a.splats.gaussians import Cameras
 from vist3a.splats.ply import read_ply
+from vist3a.splats.spz import read_spz
 
 ALL_SCORES = [c for cols in SCORE_COLUMNS.values() for c in cols]
 #: columns carried over from the dataset's manifest (consistency needs the frames, kept only at generation)
@@ -53,9 +54,10 @@ def empty_eval_row() -> dict:
 
 
 def score_saved_scene(scorer: SceneScorer, row: dict, storage=None) -> dict[str, float]:
-    """Scores of a scene on disk (its .ply and cameras.json, from a manifest row). Consistency comes from
+    """Scores of a scene on disk (its .ply or .spz and cameras.json, from a manifest row). Consistency comes from
     the row (computed where the scene was made, against the frames); NaN when the dataset has none."""
-    gaussians = read_ply(read_bytes(row["scene_uri"], storage))
+    uri = row["scene_uri"]
+    gaussians = (read_spz if uri.endswith(".spz") else read_ply)(read_bytes(uri, storage))  # scene_uri: .ply, else .spz
     cameras = Cameras.from_json(json.loads(read_text(row["cameras_uri"], storage)))
     scores = scorer.score(gaussians, cameras, row["prompt"])
     for c in FROM_MANIFEST:
