@@ -86,7 +86,8 @@ class GenerateScenes:
         return typed_table(rows, STAGE_SCHEMA, "prompt row")
 
 
-def write_scenes(batch: pa.Table, output: str, storage: dict, ply_sh_degree: int, formats: list[str]) -> pa.Table:
+def write_scenes(batch: pa.Table, output: str, storage: dict, ply_sh_degree: int,
+                 formats: tuple[str, ...] | list[str] = ("ply",)) -> pa.Table:
     """CPU stage: encode and upload each scene, then commit the batch's manifest part."""
     storage_cfg = StorageConfig.model_validate(storage)
     rows = []
