@@ -92,6 +92,49 @@ def replica_pids(deployment: str) -> list[int]:
     return pids
 
 
+def wait_replicas_running(deployment: str, n: int, timeout: float = 90) -> None:
+    """Until Serve reports `n` running replicas of `deployment` (a killed one is restarted by Serve)."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout
+    while True:
+        states = serve.status().applications["durable"].deployments[deployment].replica_states
+        if states.get("RUNNING", 0) >= n and sum(states.values()) == n:
+            return
+        assert time.monotonic() < deadline, states
+        time.sleep(0.5)
+
+
+def test_two_ingress_replicas_share_one_queue_limit(durable, client):
+    """Runs before the kill tests below (file order): a replica Serve has just restarted can take a
+    while to receive requests from the proxy."""
+    wait_replicas_running("SceneAPI", 2)
+    # Serve's router picks the replica; on a loaded machine one burst can land on one of them, so bursts
+    # repeat (at most 3) until both have admitted work. The limit must hold in every burst.
+    seen: set[str] = set()
+    for burst in range(3):
+        t0 = time.time()
+        responses = post_all(durable, [{"prompt": f"a quarry {burst} {k}", "steps": 16} for k in range(3 * LIMIT)])
+        t_burst = time.time()
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {202, 503}, codes
+        ids = [r.json()["id"] for r in responses if r.status_code == 202]
+        admitted_by = {(durable.store.get_job(i) or {}).get("owner", "closed:").split(":")[1] for i in ids}
+        records = wait_final(durable.store, ids, timeout=180)
+        # scenes that finished during the burst freed their slots; past those, no more than LIMIT were accepted
+        freed = sum(datetime.fromisoformat(r["updated_at"]).timestamp() <= t_burst for r in records.values())
+        print(f"burst {burst}: {len(codes)} POSTs in {t_burst - t0:.2f}s: {len(ids)} accepted, {freed} finished "
+              f"during the burst; admitted by {len(admitted_by - {''})} replica(s)")
+        assert LIMIT <= len(ids) <= LIMIT + freed, (codes, freed)
+        assert all(r["status"] == "done" for r in records.values())
+        wait_no_open_jobs(client)
+        seen |= admitted_by - {""}
+        if len(seen) == 2:
+            break
+        time.sleep(3)
+    assert len(seen) == 2, seen  # both ingress replicas admitted work
+
+
 def test_a_client_that_disconnects_after_post_still_gets_its_scene(durable, client):
     """POST, then close the connection without reading the answer: the scene is generated anyway, no slot leaks."""
     tag = os.urandom(4).hex()
@@ -144,37 +187,4 @@ def test_ingress_replica_sigkilled_with_queued_work_every_accepted_scene_ends_do
     print(f"ingress replica killed holding {pids.count(victim)} of {len(ids)} jobs: "
           f"{[r['status'] for r in records.values()]} after {time.monotonic() - t0:.1f}s")
     assert all(r["status"] == "done" for r in records.values()), records
-    wait_no_open_jobs(client)
-
-
-def wait_replicas_running(deployment: str, n: int, timeout: float = 90) -> None:
-    """Until Serve reports `n` running replicas of `deployment` (a killed one is restarted by Serve)."""
-    from ray import serve
-
-    deadline = time.monotonic() + timeout
-    while True:
-        states = serve.status().applications["durable"].deployments[deployment].replica_states
-        if states.get("RUNNING", 0) >= n and sum(states.values()) == n:
-            return
-        assert time.monotonic() < deadline, states
-        time.sleep(0.5)
-
-
-def test_two_ingress_replicas_share_one_queue_limit(durable, client):
-    wait_replicas_running("SceneAPI", 2)
-    t0 = time.time()
-    responses = post_all(durable, [{"prompt": f"a quarry {k}", "steps": 16} for k in range(3 * LIMIT)])
-    t_burst = time.time()
-    codes = [r.status_code for r in responses]
-    assert set(codes) <= {202, 503}, codes
-    ids = [r.json()["id"] for r in responses if r.status_code == 202]
-    admitted_by = {(durable.store.get_job(i) or {}).get("owner", "closed:").split(":")[1] for i in ids}
-    records = wait_final(durable.store, ids, timeout=180)
-    # scenes that finished during the burst freed their slots; past those, no more than LIMIT were accepted
-    freed = sum(datetime.fromisoformat(r["updated_at"]).timestamp() <= t_burst for r in records.values())
-    print(f"{len(codes)} POSTs in {t_burst - t0:.2f}s: {len(ids)} accepted, {freed} finished during the burst; "
-          f"admitted by {len(admitted_by - {''})} replica(s)")
-    assert LIMIT <= len(ids) <= LIMIT + freed, (codes, freed)
-    assert len(admitted_by - {""}) == 2, admitted_by  # both ingress replicas admitted work
-    assert all(r["status"] == "done" for r in records.values())
     wait_no_open_jobs(client)
