@@ -120,3 +120,25 @@ def test_compact_merges_then_prunes_and_settings_are_checked():
             CompactSettings(**bad)
     with pytest.raises(ValueError, match="confidence has shape"):
         merge_voxels(g, 1.0, torch.zeros(2))
+
+
+def test_voxel_in_pixel_footprints_is_the_scene_median_depth_over_focal():
+    """Two cameras; each Gaussian's footprint is z/f at the nearest camera in front of it (not the far one,
+    not one behind); the voxel is k x the median, and the merge equals the world-unit merge at that size."""
+    from vist3a.splats.compact import pixel_footprint
+
+    near = look_at(torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0]))
+    far = look_at(torch.tensor([0.0, 0.0, -6.0]), torch.tensor([0.0, 0.0, 1.0]))
+    k = torch.tensor([[100.0, 0, 32], [0, 140.0, 32], [0, 0, 1]])
+    cams = Cameras(torch.stack([near, far]), torch.stack([k, k]), 64, 64)
+    depths = [1.0, 2.0, 3.0, 4.0, 8.0]
+    g = scene([[0.01 * i, 0.0, z] for i, z in enumerate(depths)])
+    assert pixel_footprint(g, cams) == pytest.approx(3.0 / 120.0, rel=1e-5)  # median z 3, mean focal 120
+    by_footprints, report = compact(g, CompactSettings(voxel_footprints=2.5), cameras=cams)
+    assert report[0]["voxel_footprints"] == 2.5 and report[0]["voxel_size"] == pytest.approx(2.5 * 3.0 / 120.0)
+    by_size, _ = compact(g, CompactSettings(voxel_size=2.5 * 3.0 / 120.0), cameras=cams)
+    torch.testing.assert_close(by_footprints.means, by_size.means)
+    with pytest.raises(ValueError, match="needs the scene's cameras"):
+        compact(g, CompactSettings(voxel_footprints=2.5))
+    with pytest.raises(ValueError, match="not both"):
+        CompactSettings(voxel_size=0.1, voxel_footprints=2.5)

@@ -86,3 +86,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("sampling: [1, 2\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(bad)
+
+
+def test_voxel_size_and_voxel_footprints_are_exclusive():
+    with pytest.raises(ConfigError, match=r"splats: Value error, splats.voxel_size \(0.01\) and splats.voxel_footprints \(2.5\)"):
+        load_config(None, ["splats.voxel_size=0.01", "splats.voxel_footprints=2.5"])
+    assert load_config(None, ["preset=vist3a-1.3b"]).splats.voxel_footprints == 2.5

@@ -205,6 +205,8 @@ class SplatOutputConfig(Strict):
 
     voxel_size: float | None = Field(None, gt=0, description="merge Gaussians per voxel (world units; confidence-weighted "
                                                              "moment matching); None keeps all")
+    voxel_footprints: float | None = Field(None, gt=0, description="the same merge with the voxel in pixel footprints "
+                                                                   "(k x the scene's median depth/focal): any scene scale")
     min_opacity: float = Field(0.0, ge=0.0, lt=1.0, description="drop Gaussians below this opacity")
     max_gaussians: int | None = Field(None, ge=1, description="keep at most this many: the largest opacity x projected "
                                                               "area at the predicted cameras; None: no cap")
@@ -218,6 +220,13 @@ class SplatOutputConfig(Strict):
                               "steps above run after either")
     preview_views: int = Field(4, ge=0, le=64)
     preview_size: int = Field(256, ge=16, le=4096)
+
+    @model_validator(mode="after")
+    def _one_voxel_size(self) -> "SplatOutputConfig":
+        if self.voxel_size is not None and self.voxel_footprints is not None:
+            raise ValueError(f"splats.voxel_size ({self.voxel_size}) and splats.voxel_footprints "
+                             f"({self.voxel_footprints}) both size the voxel merge: set one")
+        return self
 
     @field_validator("formats")
     @classmethod

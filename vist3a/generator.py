@@ -146,8 +146,8 @@ class SceneGenerator:
         t1 = time.perf_counter()
         o = self.cfg.splats
         decoded = self.decoder(latents)
-        settings = CompactSettings(voxel_size=o.voxel_size, min_opacity=o.min_opacity, max_gaussians=o.max_gaussians,
-                                   sh_degree=o.sh_degree)
+        settings = CompactSettings(voxel_size=o.voxel_size, voxel_footprints=o.voxel_footprints, min_opacity=o.min_opacity,
+                                   max_gaussians=o.max_gaussians, sh_degree=o.sh_degree)
         scenes = []
         compacted = []
         for i in range(n):

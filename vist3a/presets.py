@@ -57,7 +57,7 @@ _VIST3A_RECON = {**_ANYSPLAT, "dtype": "bfloat16"}
 _VIST3A_SAMPLING = {**_SAMPLING, "prompt_template": ORBIT_TEMPLATE, "negative_prompt": VIST3A_NEGATIVE_PROMPT}
 # Compact scene files for the real models (benchmarks/compact_scenes.py measures bytes against re-render PSNR):
 # SPZ with the DC colour only; `splats.formats=[ply, spz]` adds the .ply.
-_COMPACT_SPLATS = {"formats": ["spz"], "sh_degree": 0}
+_COMPACT_SPLATS = {"formats": ["spz"], "sh_degree": 0, "voxel_footprints": 2.5}  # benchmarks/compact_scenes.py
 _VIST3A_SPLATS = {**_COMPACT_SPLATS, "ply_sh_degree": 0, "postprocess": "anysplat"}
 
 

@@ -12,6 +12,8 @@ meta.json:
   (covariance + outer product of the offset from that centre), so a voxel larger than a pixel's
   footprint is still covered. Opacity and SH are weighted means. The weighting reuses
   `vist3a.recon.voxel_merge`.
+  The voxel can also be given in pixel footprints (`voxel_footprints`): k x the scene's median
+  footprint depth/focal at the nearest predicted camera, so one setting fits scenes of any scale.
 - `prune_opacity`: drops Gaussians with opacity below a threshold.
 - `cap_count`: keeps the `max_gaussians` most important, importance = opacity x projected area
   (pixels, averaged over the given cameras; world-space area without cameras).
@@ -40,10 +42,15 @@ class CompactSettings:
     min_opacity: float = 0.0
     max_gaussians: int | None = None
     sh_degree: int | None = None
+    voxel_footprints: float | None = None  # the voxel in pixel footprints instead of voxel_size's world units
 
     def __post_init__(self):
         if self.voxel_size is not None and not self.voxel_size > 0:
             raise ValueError(f"voxel_size must be > 0, got {self.voxel_size}")
+        if self.voxel_footprints is not None and not self.voxel_footprints > 0:
+            raise ValueError(f"voxel_footprints must be > 0, got {self.voxel_footprints}")
+        if self.voxel_size is not None and self.voxel_footprints is not None:
+            raise ValueError("give voxel_size (world units) or voxel_footprints (pixel footprints), not both")
         if not 0.0 <= self.min_opacity < 1.0:
             raise ValueError(f"min_opacity must be in [0, 1), got {self.min_opacity}")
         if self.max_gaussians is not None and self.max_gaussians < 1:
@@ -96,6 +103,19 @@ def merge_voxels(g: Gaussians, voxel_size: float, confidence: Tensor | None = No
                      opacities=merged[:, 6].clamp(0.0, 1.0).to(out_dt), sh=merged[:, 7:].reshape(-1, k, 3).to(out_dt))
 
 
+def pixel_footprint(g: Gaussians, cameras: Cameras) -> float:
+    """The scene's median pixel footprint in world units: depth / focal of each Gaussian at the nearest
+    camera in front of it (for pixel-aligned Gaussians, the view it came from)."""
+    cams = cameras.to(device=g.device, dtype=torch.float32)
+    z = g.means.float() @ cams.viewmats[:, 2, :3].T + cams.viewmats[:, 2, 3]  # [N,C] camera depths
+    focal = 0.5 * (cams.Ks[:, 0, 0] + cams.Ks[:, 1, 1])
+    footprint = torch.where(z > 1e-6, z / focal, torch.full_like(z, math.inf)).amin(dim=1)
+    footprint = footprint[torch.isfinite(footprint)]
+    if not footprint.numel():
+        raise ValueError("voxel_footprints: no Gaussian is in front of any predicted camera")
+    return float(footprint.median())
+
+
 def prune_opacity(g: Gaussians, min_opacity: float) -> Gaussians:
     """The Gaussians with opacity >= min_opacity."""
     return g.select(g.opacities >= min_opacity) if min_opacity > 0 else g
@@ -137,9 +157,15 @@ def compact(g: Gaussians, settings: CompactSettings, confidence: Tensor | None =
         return after
 
     s = settings
-    if s.voxel_size is not None:
-        g = record("voxel_merge", {"voxel_size": s.voxel_size, "weights": "confidence" if confidence is not None
-                                   else "opacity"}, g, merge_voxels(g, s.voxel_size, confidence))
+    voxel_size, setting = s.voxel_size, {"voxel_size": s.voxel_size}
+    if s.voxel_footprints is not None:
+        if cameras is None or not cameras.num:
+            raise ValueError("voxel_footprints needs the scene's cameras")
+        voxel_size = s.voxel_footprints * pixel_footprint(g, cameras)
+        setting = {"voxel_footprints": s.voxel_footprints, "voxel_size": voxel_size}
+    if voxel_size is not None:
+        g = record("voxel_merge", {**setting, "weights": "confidence" if confidence is not None else "opacity"}, g,
+                   merge_voxels(g, voxel_size, confidence))
     if s.min_opacity > 0:
         g = record("opacity_prune", {"min_opacity": s.min_opacity}, g, prune_opacity(g, s.min_opacity))
     if s.max_gaussians is not None:
