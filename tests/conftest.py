@@ -107,6 +107,7 @@ def serve_app(ray_local, tmp_path_factory):
     store = tmp_path_factory.mktemp("serve-store")
     cfg = load_config(None, [
         f"serve.store={store}", "sampling.steps=2", "splats.preview_views=1", "splats.preview_size=64",
+        "splats.formats=[ply,spz]",  # both, as a real preset can: the viewer page then draws the .spz
         "serve.max_queued_generations=4", "serve.batch_max_size=4", "serve.batch_wait_timeout_s=0.2",
         "serve.max_steps=8", "serve.max_guidance=10", "serve.retry_after_s=3", "serve.max_body_bytes=4096",
         "serve.api_key_env=VIST3A_TEST_API_KEY",

@@ -18,6 +18,7 @@ from plyfile import PlyData
 
 from vist3a.config import ConfigError
 from vist3a.io.scene_store import SceneStore, id_time, is_scene_id, new_scene_id
+from vist3a.splats.spz import read_spz
 
 DONE = ("done", "failed")
 
@@ -230,7 +231,9 @@ def test_valid_request_ends_with_a_ply_and_a_png(client, serve_app):
     record = wait_finished(client, scene_id)
     assert record["status"] == "done", record
     assert record["request"] == {"prompt": "a red barn in a snowy field", "seed": 7, "steps": 3, "guidance": 4.5}
-    assert set(record["links"]) == {"self", "scene.ply", "preview.png", "cameras.json", "meta.json"}
+    assert set(record["links"]) == {"self", "scene.ply", "scene.spz", "preview.png", "cameras.json", "meta.json"}
+    spz = read_spz(client.get(record["links"]["scene.spz"]).content)
+    assert spz.num == record["result"]["num_gaussians"]
 
     ply = client.get(record["links"]["scene.ply"])
     assert ply.status_code == 200

@@ -123,6 +123,7 @@ def test_viewer_renders_a_generated_scene(serve_app, tmp_path):
             assert time.monotonic() < deadline, f"viewer stuck: {state}; console: {browser.console[-10:]}"
             time.sleep(0.3)
         assert state["phase"] == "rendered", f"{state}; console: {browser.console[-10:]}"
+        assert state["format"] == "spz"  # the server stores both (conftest): the page draws the compact file
         assert "waiting" in phases, phases
         scene_id = state["message"]
         status_text = browser.evaluate("document.getElementById('status').textContent")
