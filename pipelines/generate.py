@@ -19,6 +19,7 @@ import collections
 import json
 import logging
 import pickle
+import re
 import sys
 import time
 
@@ -52,11 +53,11 @@ class ValidatePrompts:
         self.tokenizer = load_tokenizer(local.model.video)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        limit = self.cfg.model.video.text_encoder.max_length
+        limit, template = self.cfg.model.video.text_encoder.max_length, self.cfg.sampling.prompt_template
         rows = batch.to_pylist()
         for row in rows:
             if row["error"] is None:
-                row["error"] = check_prompt(self.tokenizer, row["prompt"], limit)
+                row["error"] = check_prompt(self.tokenizer, row["prompt"], limit, template)
         return typed_table(rows, STAGE_SCHEMA, "prompt row")
 
 
@@ -125,6 +126,13 @@ def write_scenes(batch: pa.Table, output: str, storage: dict, ply_sh_degree: int
 # ----------------------------------------------------------------------------- driver
 
 
+def failure_class(error: object) -> str:
+    """A failure reason's class, for counting: the text before its first colon, quoted values and
+    numbers blanked ("prompt too long: 317 tokens..." and "...: 316 tokens..." are one class)."""
+    head = str(error).split(":")[0]
+    return re.sub(r"\d+", "N", re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", head)).strip()
+
+
 class Progress:
     """A periodic line (done, failed, remaining, scenes/s) and the end-of-run summary."""
 
@@ -140,7 +148,7 @@ class Progress:
                 self.done += 1
             else:
                 self.failed += 1
-                self.reasons[str(err).split(":")[0]] += 1
+                self.reasons[failure_class(err)] += 1
         now = time.perf_counter()
         if now - self.last >= self.every_s:
             self.last = now

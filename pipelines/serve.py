@@ -245,8 +245,8 @@ class SceneAPI:
         from vist3a.video import check_prompt, load_tokenizer  # after the key check: a slow import
 
         tokenizer = load_tokenizer(self.cfg.model.video)
-        limit = self.cfg.model.video.text_encoder.max_length
-        self.context = {"check_prompt": lambda p: check_prompt(tokenizer, p, limit),
+        limit, template = self.cfg.model.video.text_encoder.max_length, self.cfg.sampling.prompt_template
+        self.context = {"check_prompt": lambda p: check_prompt(tokenizer, p, limit, template),
                         "max_steps": s.max_steps, "max_guidance": s.max_guidance}
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"  # owner of the leases it holds
         self.running: dict[str, asyncio.Task] = {}   # jobs this replica runs (holds the lease of)

@@ -190,7 +190,7 @@ def test_check_prompt_reasons(comps):
     assert check_prompt(tok, "", 32) == "prompt is empty"
     assert check_prompt(tok, " \t\n ", 32) == "prompt is only whitespace"
     assert "string" in check_prompt(tok, 42, 32)
-    assert check_prompt(tok, "x" * 40, 32) == "prompt has 41 tokens, over the limit of 32"
+    assert check_prompt(tok, "x" * 40, 32) == "prompt too long: 41 tokens, over the limit of 32"
     assert check_prompt(tok, "x" * 31, 32) is None  # 31 bytes + end-of-sequence fits exactly
 
 

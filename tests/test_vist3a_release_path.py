@@ -121,13 +121,13 @@ def test_generation_with_the_release_recipe(release_dir, tmp_path):
     assert other.num_gaussians != scene.num_gaussians or not torch.equal(other.gaussians.means, scene.gaussians.means)
 
     # token limit counts the templated prompt
-    with pytest.raises(ValueError, match=r"sampling.negative_prompt: negative prompt has 385 tokens, over the limit of 200"):
+    with pytest.raises(ValueError, match=r"sampling.negative_prompt: negative prompt too long: 385 tokens, over the limit of 200"):
         SceneGenerator(load_config(None, _overrides(release_dir) + ["model.video.text_encoder.max_length=200"]))
     short = load_config(None, _overrides(release_dir) + ["model.video.text_encoder.max_length=200",
                                                          "sampling.negative_prompt=blurry"])
     gen_short = SceneGenerator(short)
     assert gen_short.check_prompt("x" * 40) is None
-    assert "once wrapped in sampling.prompt_template" in gen_short.check_prompt("x" * 120)
+    assert "tokens with sampling.prompt_template around it, over the limit of 200" in gen_short.check_prompt("x" * 120)
     assert gen_short.check_prompt("") == "prompt is empty"
 
 

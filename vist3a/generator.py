@@ -113,12 +113,7 @@ class SceneGenerator:
     def check_prompt(self, prompt) -> str | None:
         """None when the prompt can be generated, else the reason it cannot (for validation before GPU time).
         The token limit counts the templated prompt: that is what the text encoder reads."""
-        reason = self.video.check_prompt(prompt)
-        if reason is None and self.cfg.sampling.prompt_template != "{prompt}":
-            reason = self.video.check_prompt(self.model_prompt(prompt))
-            if reason:
-                reason += " once wrapped in sampling.prompt_template"
-        return reason
+        return self.video.check_prompt(prompt, self.cfg.sampling.prompt_template)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int] | None = None, negative_prompts: list[str] | None = None,

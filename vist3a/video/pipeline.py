@@ -106,9 +106,9 @@ class WanVideo:
     def transformer(self):
         return self.components.transformer
 
-    def check_prompt(self, prompt: object) -> str | None:
+    def check_prompt(self, prompt: object, template: str = "{prompt}") -> str | None:
         """Why `prompt` cannot be generated (None when it can): the token limit, before any GPU time."""
-        return check_prompt(self.components.tokenizer, prompt, self.components.max_length)
+        return check_prompt(self.components.tokenizer, prompt, self.components.max_length, template)
 
     def encode_prompt(self, prompts: list[str], negative_prompts: list[str] | None = None) -> torch.Tensor:
         """The transformer's context [B,L,D]; with negative prompts (CFG) theirs follow: [2B,L,D]."""

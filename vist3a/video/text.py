@@ -45,13 +45,17 @@ def count_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str) -> int:
     return len(tokenizer(clean_prompt(prompt), add_special_tokens=True)["input_ids"])
 
 
-def check_prompt(tokenizer: PreTrainedTokenizerBase, prompt: object, max_length: int) -> str | None:
-    """Why `prompt` cannot be generated (None when it can): checked before any GPU time is spent."""
+def check_prompt(tokenizer: PreTrainedTokenizerBase, prompt: object, max_length: int,
+                 template: str = "{prompt}") -> str | None:
+    """Why `prompt` cannot be generated (None when it can): checked before any GPU time is spent. The
+    limit counts the prompt inside `template` (sampling.prompt_template): that is what the encoder reads.
+    Reasons put a stable class before the colon, so summaries can count them."""
     if not isinstance(prompt, str):
         return f"prompt must be a string, got {type(prompt).__name__}"
     if not prompt.strip():
         return "prompt is empty" if not prompt else "prompt is only whitespace"
-    n = count_tokens(tokenizer, prompt)
+    n = count_tokens(tokenizer, template.replace("{prompt}", prompt))
     if n > max_length:
-        return f"prompt has {n} tokens, over the limit of {max_length}"
+        wrapped = " with sampling.prompt_template around it" if template != "{prompt}" else ""
+        return f"prompt too long: {n} tokens{wrapped}, over the limit of {max_length}"
     return None

@@ -1,0 +1,32 @@
+"""The bulk job's end-of-run bookkeeping without Ray: failure reasons counted by class, and prompt
+validation that counts the prompt template's tokens as the generator does."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+from transformers import ByT5Tokenizer
+
+from pipelines.generate import Progress, failure_class
+from vist3a.video import check_prompt
+
+
+def test_failure_reasons_are_counted_by_class():
+    reasons = ["prompt too long: 317 tokens, over the limit of 128", "prompt too long: 316 tokens, over the limit of 128",
+               "bad seed 'nope': not an integer", "bad seed 'x1': not an integer", "empty prompt",
+               "generation failed: RuntimeError: boom"]
+    assert failure_class(reasons[0]) == failure_class(reasons[1]) == "prompt too long"
+    assert failure_class(reasons[2]) == failure_class(reasons[3]) == "bad seed '…'"
+    progress = Progress(total=len(reasons), every_s=1e9)
+    progress.update(pa.table({"status": ["failed"] * len(reasons), "error": reasons}))
+    assert dict(progress.reasons) == {"prompt too long": 2, "bad seed '…'": 2, "empty prompt": 1, "generation failed": 1}
+
+
+def test_validation_counts_the_templated_prompt():
+    tok = ByT5Tokenizer()
+    template = "An orbit around `{prompt}`."
+    assert check_prompt(tok, "x" * 40, 64) is None
+    reason = check_prompt(tok, "x" * 40, 64, template)  # 40 + 19 bytes of template + the end token = 60: fits
+    assert reason is None
+    reason = check_prompt(tok, "x" * 50, 64, template)
+    assert reason == "prompt too long: 70 tokens with sampling.prompt_template around it, over the limit of 64"
+    assert check_prompt(tok, "", 64, template) == "prompt is empty"  # the user's prompt, not the template
