@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vist3a.config import MODEL_SCORES, SCORE_COLUMNS, ScorersConfig
+from vist3a.config import SCORE_COLUMNS, ScorersConfig
 from vist3a.ids import seeded
 from vist3a.splats.gaussians import Cameras, Gaussians
 from vist3a.splats.render import quat_to_rotmat, render
