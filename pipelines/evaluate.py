@@ -31,7 +31,7 @@ from ray.data import ActorPoolStrategy
 from pipelines import generate as generate_job
 from pipelines.ray_setup import init_ray, set_torch_threads
 from vist3a.config import Config, ConfigError, StorageConfig, load_config
-from vist3a.dataset import now_utc, read_manifest
+from vist3a.dataset import MANIFEST_PLACES, now_utc, read_manifest
 from vist3a.evaluation import (ALL_SCORES, EVAL_SCHEMA, FROM_MANIFEST, compact_eval, compare, comparison_markdown,
                                empty_eval_row, read_scenes_table, recorded_keys, score_saved_scene, summary_markdown,
                                write_eval_part, write_summary)
@@ -117,8 +117,7 @@ def scenes_to_score(cfg: Config, datasets: dict[str, str]) -> pa.Table:
     for name, uri in datasets.items():
         manifest = read_manifest(uri, cfg.storage)
         if not manifest.num_rows:
-            raise FileNotFoundError(f"evaluate: benchmark {name!r}: no manifest at {uri} (looked for "
-                                    f"{join(uri, 'manifest.parquet')} and {join(uri, 'manifest', 'parts')}/)")
+            raise FileNotFoundError(f"evaluate: benchmark {name!r}: no manifest at {uri} (looked for {MANIFEST_PLACES})")
         done = [r for r in manifest.to_pylist() if r["status"] == "done"]
         for r in done[: job.limit] if job.limit else done:
             key = f"{name}/{r['id']}"

@@ -3,13 +3,18 @@
     python -m pipelines.generate --config deploy/generate.yaml
     ray job submit --working-dir . -- python -m pipelines.generate --config deploy/generate.cluster.yaml
 
-The story: read and normalise the prompt set on the driver (ids, seeds, duplicates, bad rows),
-drop ids an earlier run already recorded, then stream the rest through three Ray Data stages:
-  1. ValidatePrompts  (CPU actors: the text encoder's token limit, before any GPU time)
-  2. GenerateScenes   (GPU actors: the model is loaded once per actor; one batch per call)
-  3. write_scenes     (CPU tasks: encode .ply/.png, upload, commit a manifest part)
-The driver consumes the stream for progress, then compacts the manifest. Rerunning the same
-command on the same output resumes: every id is written exactly once (see vist3a.dataset).
+The story. The driver plans read units from file listings and sizes (never reading the prompts
+itself), folds an earlier run's commit log into the manifest and takes the ids it recorded; then the
+whole job is one Ray Data stream:
+  1. read_prompt_chunks  (CPU tasks: pieces of the prompt files -> rows with ids, seeds, bad-row reasons)
+  2. ValidatePrompts     (CPU actors: the token limit, then the id ledger decides which rows are new
+                          work; the rows refused here are committed right away, one part per block)
+  3. GenerateScenes      (GPU actors: the model is loaded once per actor; a task is `commit_scenes` rows)
+  4. write_scenes        (CPU tasks: encode and upload every file of a task's scenes, then commit them
+                          in one manifest part)
+The driver consumes the stream for progress, folds the commit parts into the manifest now and then
+and at the end, and writes the dataset card. Rerunning the same command on the same output resumes:
+every id is written exactly once (see vist3a.dataset).
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import collections
 import json
 import logging
 import pickle
-import re
 import sys
 import time
 
@@ -31,11 +35,12 @@ from ray.data import ActorPoolStrategy
 from pipelines.ray_setup import init_ray, run_isolated, set_torch_threads
 from vist3a import __version__
 from vist3a.config import Config, ConfigError, StorageConfig, load_config
-from vist3a.dataset import (RESULT_SCHEMA, STAGE_SCHEMA, compact_manifest, empty_manifest_row, file_columns, now_utc,
-                            recorded_ids, typed_table, write_manifest_part, write_scene)
+from vist3a.dataset import (COMMITS_DIR, MANIFEST_DIR, RESULT_SCHEMA, STAGE_SCHEMA, consolidate_manifest, empty_manifest_row, failure_class,
+                            file_columns, now_utc, recorded_id_array, shard_of, typed_table, write_manifest_part, write_scene)
+from vist3a.dataset_card import write_dataset_card
 from vist3a.generator import SceneGenerator, scene_files
-from vist3a.io import ensure_writable, remove_temp_files
-from vist3a.io.prompts import read_prompts
+from vist3a.io import ensure_writable, join, remove_temp_files
+from vist3a.io.prompts import PROMPT_SCHEMA, PromptLedger, chunk_rows, count_newlines, mark_failed, number_chunks, plan_chunks
 from vist3a.video import check_prompt, load_tokenizer
 
 log = logging.getLogger("vist3a.generate")
@@ -44,52 +49,117 @@ log = logging.getLogger("vist3a.generate")
 # ----------------------------------------------------------------------------- Ray Data stages
 
 
-class ValidatePrompts:
-    """CPU stage: refuse prompts the text encoder cannot take (token limit) before any GPU time."""
+def read_prompt_chunks(batch: pa.Table, storage: dict, block_rows: int):
+    """CPU stage: each input row is one read unit (vist3a.io.prompts.plan_chunks); yields its prompt rows."""
+    storage_cfg = StorageConfig.model_validate(storage)
+    for chunk in batch.to_pylist():
+        rows = []
+        for row in chunk_rows(chunk, storage_cfg):
+            rows.append(row)
+            if len(rows) >= block_rows:
+                yield typed_table(rows, PROMPT_SCHEMA, "prompt row")
+                rows = []
+        if rows:
+            yield typed_table(rows, PROMPT_SCHEMA, "prompt row")
 
-    def __init__(self, cfg_dict: dict):
+
+def ledger_shard(scene_id: str, shards: int) -> int:
+    return int(shard_of(scene_id), 16) % shards
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class IdLedger:
+    """One shard of the run's PromptLedger (ids by ledger_shard), plus the run's counts of refused rows.
+    It is not restarted: a lost ledger would admit duplicates, so its loss fails the run (rerun resumes)."""
+
+    def __init__(self, shard: int, shards: int, skip: pa.Array):
+        self.ledger = PromptLedger(i for i in skip.to_pylist() if ledger_shard(i, shards) == shard)
+        self.reasons: collections.Counter[str] = collections.Counter()
+
+    def admit(self, rows: list[dict]) -> list[dict | None]:
+        return [self.ledger.admit(r) for r in rows]
+
+    def add_failures(self, reasons: dict[str, int]) -> None:
+        self.reasons.update(reasons)
+
+    def counts(self) -> dict:
+        return {"stats": dict(self.ledger.stats), "reasons": dict(self.reasons)}
+
+
+def failed_manifest_row(row: dict, preset: str) -> dict:
+    """The manifest row of a row refused before generation (its only record: no files)."""
+    out = empty_manifest_row()
+    out.update({k: row[k] for k in ("id", "prompt", "negative_prompt", "seed", "source")},
+               status="failed", error=row["error"], preset=preset, vist3a_version=__version__, finished_at=now_utc())
+    return out
+
+
+class ValidatePrompts:
+    """CPU stage: refuse prompts the text encoder cannot take (token limit) before any GPU time, let the id
+    ledger drop duplicates and ids an earlier run recorded, and commit the refused rows (one part a block)."""
+
+    def __init__(self, cfg_dict: dict, ledgers: list):
         self.cfg = Config.model_validate(cfg_dict)
         local = SceneGenerator.fetch_and_verify_weights(self.cfg)  # hub ids / s3:// made local on this node
         self.tokenizer = load_tokenizer(local.model.video)
+        self.ledgers = ledgers
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         limit, template = self.cfg.model.video.text_encoder.max_length, self.cfg.sampling.prompt_template
         rows = batch.to_pylist()
-        for row in rows:
-            if row["error"] is None:
-                row["error"] = check_prompt(self.tokenizer, row["prompt"], limit, template)
-        return typed_table(rows, STAGE_SCHEMA, "prompt row")
+        for i, row in enumerate(rows):
+            if row["error"] is None and (reason := check_prompt(self.tokenizer, row["prompt"], limit, template)):
+                rows[i] = mark_failed(row, reason)
+        n = len(self.ledgers)
+        by_shard: dict[int, list[int]] = collections.defaultdict(list)
+        for i, row in enumerate(rows):
+            by_shard[ledger_shard(row["id"], n)].append(i)
+        calls = {k: self.ledgers[k].admit.remote([rows[i] for i in idx]) for k, idx in by_shard.items()}
+        admitted: list[dict | None] = [None] * len(rows)
+        for k, ref in calls.items():
+            for i, row in zip(by_shard[k], ray.get(ref)):
+                admitted[i] = row
+        refused = [r for r in admitted if r is not None and r["error"] is not None]
+        if refused:
+            write_manifest_part(self.cfg.generate.output, [failed_manifest_row(r, self.cfg.preset) for r in refused],
+                                self.cfg.storage)
+            ray.get(self.ledgers[0].add_failures.remote(collections.Counter(failure_class(r["error"]) for r in refused)))
+        return typed_table([r for r in admitted if r is not None and r["error"] is None], STAGE_SCHEMA, "prompt row")
 
 
 class GenerateScenes:
-    """GPU stage: one SceneGenerator per actor; a failing batch is retried item by item."""
+    """GPU stage: one SceneGenerator per actor; a task's rows go in batches of generate.batch_size, and a
+    failing batch is retried item by item."""
 
     def __init__(self, cfg_dict: dict):
         cfg = Config.model_validate(cfg_dict)
         set_torch_threads(cfg.generate.cpus_per_actor, torch.cuda.is_available(), cfg.runtime.torch_threads)
         self.gen = SceneGenerator(cfg)
+        self.batch_size = cfg.generate.batch_size
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
+    def __call__(self, block: pa.Table) -> pa.Table:
+        rows = block.to_pylist()
 
         def generate(todo: list[dict]) -> list:
             return self.gen.generate([r["prompt"] for r in todo], [r["seed"] for r in todo],
                                      [r["negative_prompt"] or "" for r in todo])
 
-        done, failed = run_isolated(generate, [r for r in rows if r["error"] is None])
-        for row, reason in failed:  # recorded as failed rows; the job goes on
-            row["error"] = reason
-        for row, scene in done:
-            # pickled: Arrow stores bytes as they are, where a Scene object makes Ray Data try (and fail,
-            # with a warning per block) to convert it to an Arrow column first
-            row["scene"] = pickle.dumps(scene, protocol=pickle.HIGHEST_PROTOCOL)
-            row["meta"] = json.dumps(self.gen.meta(scene))  # JSON text: Arrow would turn lists into arrays
+        todo = [r for r in rows if r["error"] is None]
+        for start in range(0, len(todo), self.batch_size):
+            done, failed = run_isolated(generate, todo[start:start + self.batch_size])
+            for row, reason in failed:  # recorded as failed rows; the job goes on
+                row["error"] = reason
+            for row, scene in done:
+                # pickled: Arrow stores bytes as they are, where a Scene object makes Ray Data try (and fail,
+                # with a warning per block) to convert it to an Arrow column first
+                row["scene"] = pickle.dumps(scene, protocol=pickle.HIGHEST_PROTOCOL)
+                row["meta"] = json.dumps(self.gen.meta(scene))  # JSON text: Arrow would turn lists into arrays
         return typed_table(rows, STAGE_SCHEMA, "prompt row")
 
 
 def write_scenes(batch: pa.Table, output: str, storage: dict, ply_sh_degree: int,
                  formats: tuple[str, ...] | list[str] = ("ply",)) -> pa.Table:
-    """CPU stage: encode and upload each scene, then commit the batch's manifest part."""
+    """CPU stage: encode and upload each scene's files, then commit the task's rows in one manifest part."""
     storage_cfg = StorageConfig.model_validate(storage)
     rows = []
     for item in batch.to_pylist():
@@ -111,6 +181,8 @@ def write_scenes(batch: pa.Table, output: str, storage: dict, ply_sh_degree: int
                     bbox_min=meta["bbox_min"], bbox_max=meta["bbox_max"], preset=meta["preset"],
                     negative_prompt=meta["negative_prompt"], prompt_template=meta["prompt_template"],
                     weights_fingerprint=meta["weights_fingerprint"], write_s=time.perf_counter() - t0,
+                    licence=meta.get("licence"),
+                    provenance=None if meta.get("provenance") is None else json.dumps(meta["provenance"], sort_keys=True),
                     **{k: meta["timings"].get(k) for k in ("sample_s", "decode_s", "render_s")},
                     **meta.get("scores", {}),
                 )
@@ -126,21 +198,51 @@ def write_scenes(batch: pa.Table, output: str, storage: dict, ply_sh_degree: int
 # ----------------------------------------------------------------------------- driver
 
 
-def failure_class(error: object) -> str:
-    """A failure reason's class, for counting: the text before its first colon, quoted values and
-    numbers blanked ("prompt too long: 317 tokens..." and "...: 316 tokens..." are one class)."""
-    head = str(error).split(":")[0]
-    return re.sub(r"\d+", "N", re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", head)).strip()
+SWEEP_SCENES_UP_TO = 100_000  # scenes/ is swept for killed writers' temp files up to this many rows
+LOCAL_COUNT_BYTES = 32 << 20  # prompt sets up to this size have their newlines counted on the driver (streamed)
+
+
+def count_lines(chunks: list[dict], storage: StorageConfig, cpus: float) -> tuple[list[dict], int | None]:
+    """Line numbers for chunks after a file's first, and ≈ the rows of the set (lines; CSV: lines - 1;
+    Parquet: from its footer), both from one parallel pass of newline counting on the cluster."""
+    storage_dict = storage.model_dump()
+
+    def count(item: dict) -> dict:
+        return {"i": item["i"], "n": count_newlines(item["chunk"], StorageConfig.model_validate(storage_dict))}
+
+    items = [{"i": i, "chunk": c} for i, c in enumerate(chunks) if c.get("rows") is None]
+    if sum(it["chunk"]["end"] - it["chunk"]["start"] for it in items) <= LOCAL_COUNT_BYTES:
+        counted = [count(it) for it in items]  # a small set: streamed here, quicker than starting tasks
+    else:
+        counted = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map(count, num_cpus=cpus).take_all()
+    counts = {r["i"]: r["n"] for r in counted}
+    total = 0
+    for i, c in enumerate(chunks):
+        if c.get("rows") is not None:
+            total += c["rows"]
+        elif i + 1 == len(chunks) or chunks[i + 1]["file"] != c["file"]:  # the file's last chunk
+            first_of_file = next(j for j in range(i, -1, -1) if chunks[j]["start"] == 0)
+            lines = (1 + sum(counts[j] for j in range(first_of_file, i + 1))) if c["end"] else 0
+            total += lines - (1 if c["file"].lower().endswith(".csv") and lines else 0)
+    return number_chunks(chunks, counts), total
 
 
 class Progress:
-    """A periodic line (done, failed, remaining, scenes/s) and the end-of-run summary."""
+    """Counts of this run, shown as a progress bar with ETA on a terminal (tqdm, over ≈ the prompt set's rows)
+    or else a periodic line; and the failures by reason for the summary."""
 
-    def __init__(self, total: int, every_s: float):
+    def __init__(self, total: int | None, every_s: float, bar: bool | None = None):
         self.total, self.every_s = total, every_s
         self.done = self.failed = 0
+        self.refused = 0                      # failed at validation (counted by the ledger)
+        self.skipped = 0                      # duplicates and ids recorded by an earlier run
         self.reasons: collections.Counter[str] = collections.Counter()
         self.t0 = self.last = time.perf_counter()
+        self.bar = None
+        if bar if bar is not None else sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="row", desc="generate", dynamic_ncols=True, smoothing=0.05)
 
     def update(self, batch: pa.Table) -> None:
         for status, err in zip(batch.column("status").to_pylist(), batch.column("error").to_pylist()):
@@ -149,102 +251,163 @@ class Progress:
             else:
                 self.failed += 1
                 self.reasons[failure_class(err)] += 1
+        self.tick()
+
+    def ledger(self, counts: dict) -> None:
+        """The ledger's view of the rows that never reach the generator: refused, duplicates, recorded."""
+        self.refused = counts["refused"]
+        self.skipped = counts["duplicates"] + counts["recorded"]
+        self.ledger_reasons = counts["reasons"]
+        self.tick()
+
+    @property
+    def seen(self) -> int:
+        return self.done + self.failed + self.refused + self.skipped
+
+    def tick(self) -> None:
+        if self.bar is not None:
+            self.bar.n = self.seen
+            self.bar.set_postfix(done=self.done, failed=self.failed + self.refused, skipped=self.skipped, refresh=False)
+            self.bar.refresh()
+            return
         now = time.perf_counter()
         if now - self.last >= self.every_s:
             self.last = now
             print(f"[generate] {self.line()}", flush=True)
 
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
     def line(self) -> str:
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        remaining = self.total - self.done - self.failed
-        return (f"done {self.done}, failed {self.failed}, remaining {remaining}, "
+        of = f" of ≈{self.total}" if self.total else ""
+        return (f"{self.seen}{of} rows: done {self.done}, failed {self.failed + self.refused}, skipped {self.skipped}; "
                 f"{self.done / dt:.3f} scenes/s, {dt:.0f}s elapsed")
 
 
-def build_dataset(cfg: Config, todo: pa.Table):
-    """The streaming plan: validate (CPU) -> generate (GPU actors) -> write (CPU)."""
+def ledger_counts(ledgers: list) -> dict:
+    parts = ray.get([lg.counts.remote() for lg in ledgers])
+    stats: collections.Counter[str] = collections.Counter()
+    reasons: collections.Counter[str] = collections.Counter()
+    for p in parts:
+        stats.update(p["stats"])
+        reasons.update(p["reasons"])
+    return {"rows": stats["rows"], "duplicates": stats["duplicates"], "conflicts": stats["conflicts"],
+            "recorded": stats["recorded"], "refused": stats["invalid"], "reasons": dict(reasons)}
+
+
+def build_dataset(cfg: Config, chunks: list[dict], ledgers: list):
+    """The streaming plan: read (CPU) -> validate + ledger (CPU actors) -> generate (GPU actors) -> write (CPU)."""
     job = cfg.generate
     cfg_dict = cfg.model_dump(mode="json")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
-    # Blocks are the unit of work an actor takes: >= 16 per actor keeps every actor busy to the end,
-    # <= 1024 rows each keeps a straggler short at dataset scale, >= one batch each keeps batches full.
-    per_block = min(max(-(-todo.num_rows // (16 * job.actors)), job.batch_size), 1024)
-    blocks = max(1, -(-todo.num_rows // per_block))
-    # Every stage takes and returns Arrow tables of STAGE_SCHEMA (vist3a.dataset): all-null columns stay typed.
-    for field in STAGE_SCHEMA:  # the prompt table plus typed, empty columns for what generation adds
-        if field.name not in todo.column_names:
-            todo = todo.append_column(field, pa.nulls(todo.num_rows, field.type))
-    ds = ray.data.from_arrow(todo.select(STAGE_SCHEMA.names).cast(STAGE_SCHEMA)).repartition(blocks)
-    ds = ds.map_batches(ValidatePrompts, fn_constructor_kwargs={"cfg_dict": cfg_dict},
+    ctx.execution_options.preserve_order = bool(job.limit)  # with a limit, "the first N rows" are the set's first N
+    ds = ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
+    ds = ds.map_batches(read_prompt_chunks, fn_kwargs={"storage": cfg.storage.model_dump(), "block_rows": job.block_rows},
+                        num_cpus=job.cpu_stage_cpus, batch_size=1, batch_format="pyarrow")
+    if job.limit:
+        ds = ds.limit(job.limit)
+    # Every stage after reading takes and returns Arrow tables of STAGE_SCHEMA (vist3a.dataset): all-null columns stay typed.
+    ds = ds.map_batches(ValidatePrompts, fn_constructor_kwargs={"cfg_dict": cfg_dict, "ledgers": ledgers},
                         compute=ActorPoolStrategy(size=job.validators), num_cpus=job.cpu_stage_cpus,
-                        batch_size=None, batch_format="pyarrow")  # a block at a time: never merges blocks
+                        batch_size=job.block_rows, batch_format="pyarrow")
+    # A generator task is the unit of commit: <= commit_scenes rows (streaming; small blocks are combined).
+    ds = ds.repartition(target_num_rows_per_block=job.commit_scenes)
     ds = ds.map_batches(GenerateScenes, fn_constructor_kwargs={"cfg_dict": cfg_dict},
                         compute=ActorPoolStrategy(size=job.actors), num_gpus=job.gpus_per_actor or None,
-                        num_cpus=job.cpus_per_actor, batch_size=job.batch_size, batch_format="pyarrow")
+                        num_cpus=job.cpus_per_actor, batch_size=None, batch_format="pyarrow")
     ds = ds.map_batches(write_scenes, fn_kwargs={"output": job.output, "storage": cfg.storage.model_dump(),
                                                  "ply_sh_degree": cfg.splats.ply_sh_degree,
                                                  "formats": cfg.splats.formats},
-                        num_cpus=job.cpu_stage_cpus, batch_size=job.batch_size, batch_format="pyarrow")
+                        num_cpus=job.cpu_stage_cpus, batch_size=None, batch_format="pyarrow")
     return ds
 
 
-def run(cfg: Config) -> dict:
-    """Run (or resume) the job described by `cfg`; returns the summary."""
+def run(cfg: Config, progress_bar: bool | None = None) -> dict:
+    """Run (or resume) the job described by `cfg`; returns the summary (also in the dataset card)."""
     job = cfg.generate
     t0 = time.perf_counter()
     ensure_writable(job.output, cfg.storage)
     SceneGenerator.fetch_and_verify_weights(cfg)  # missing weights fail here, before Ray or any GPU starts
-    table, stats = read_prompts(job.input, cfg.storage)
-    if job.limit:
-        table = table.slice(0, job.limit)
-    skip = recorded_ids(job.output, cfg.storage, include_failed=not job.retry_failed)
-    mask = pa.array([i not in skip for i in table.column("id").to_pylist()], pa.bool_())
-    todo = table.filter(mask)
-    print(f"[generate] {stats['rows']} rows in {stats['files']} file(s): {table.num_rows} unique "
-          f"({stats['duplicates']} duplicates collapsed, {stats['conflicts']} conflicting ids), {table.num_rows - todo.num_rows} already recorded, "
-          f"{todo.num_rows} to do -> {job.output}", flush=True)
-    progress = Progress(todo.num_rows, job.progress_every_s)
-    if todo.num_rows:
-        init_ray(cfg)
-        for batch in build_dataset(cfg, todo).iter_batches(batch_size=None, batch_format="pyarrow"):
+    chunks = plan_chunks(job.input, cfg.storage, chunk_bytes=int(job.read_chunk_mb * (1 << 20)))
+    # an earlier run's commit log, folded in: its recorded ids then come from a few large files
+    folded = consolidate_manifest(job.output, cfg.storage)
+    skip = recorded_id_array(job.output, cfg.storage, include_failed=not job.retry_failed)
+    bookkeeping_s = time.perf_counter() - t0
+    init_ray(cfg)
+    chunks, total = count_lines(chunks, cfg.storage, job.cpu_stage_cpus)
+    files = len({c["file"] for c in chunks})
+    print(f"[generate] ≈{total} rows in {files} file(s) ({len(chunks)} read units); {folded['rows']} ids recorded "
+          f"by earlier runs ({len(skip)} skipped when seen) -> {job.output}", flush=True)
+    skip_ref = ray.put(skip)
+    ledgers = [IdLedger.remote(k, job.validators, skip_ref) for k in range(job.validators)]
+    progress = Progress(min(total, job.limit) if job.limit else total, job.progress_every_s, progress_bar)
+    last_consolidated = last_polled = time.perf_counter()
+    try:
+        for batch in build_dataset(cfg, chunks, ledgers).iter_batches(batch_size=None, batch_format="pyarrow"):
             progress.update(batch)
-    # every writer of this run has finished: a temp file left now is from a killed one (this run or earlier)
-    if stale := remove_temp_files(job.output):
+            now = time.perf_counter()
+            if now - last_polled >= min(job.progress_every_s, 5.0):
+                progress.ledger(ledger_counts(ledgers))
+                last_polled = now
+            if now - last_consolidated >= job.consolidate_every_s:
+                consolidate_manifest(job.output, cfg.storage)  # parts committed meanwhile wait for the next time
+                last_consolidated = time.perf_counter()
+        counts = ledger_counts(ledgers)
+        progress.ledger(counts)
+    finally:
+        progress.close()
+    final = consolidate_manifest(job.output, cfg.storage)
+    # every writer of this run has finished: a temp file left now is from a killed one (this run or earlier).
+    # scenes/ is swept while it is small; in a large dataset a stray .tmp-* file there costs disk, not
+    # correctness (no reader lists hidden files), and walking tens of millions of files costs minutes.
+    sweep = [(job.output, False), (join(job.output, COMMITS_DIR), True), (join(job.output, MANIFEST_DIR), True)]
+    if final["rows"] <= SWEEP_SCENES_UP_TO:
+        sweep.append((join(job.output, "scenes"), True))
+    if stale := sum(remove_temp_files(uri, recursive) for uri, recursive in sweep):
         print(f"[generate] removed {stale} temporary file(s) left by killed writers", flush=True)
-    manifest = compact_manifest(job.output, cfg.storage)
-    status = manifest.column("status").to_pylist()
-    summary = {
-        "output": job.output,
-        "this_run": {"done": progress.done, "failed": progress.failed, "seconds": round(time.perf_counter() - t0, 2),
-                     "scenes_per_s": round(progress.done / max(time.perf_counter() - progress.t0, 1e-9), 4)},
-        "manifest": {"rows": manifest.num_rows, "done": status.count("done"), "failed": status.count("failed")},
-        "failures_by_reason": dict(progress.reasons),
-        "duplicates_collapsed": stats["duplicates"],
-        "conflicting_ids": stats["conflicts"],
-    }
+    reasons = collections.Counter(counts["reasons"]) + progress.reasons
+    this_run = {"rows_read": counts["rows"], "done": progress.done, "failed": progress.failed + progress.refused,
+                "failed_at_validation": progress.refused, "duplicates_collapsed": counts["duplicates"],
+                "conflicting_ids": counts["conflicts"], "already_recorded": counts["recorded"],
+                "seconds": round(time.perf_counter() - t0, 2), "bookkeeping_s": round(bookkeeping_s, 2),
+                "scenes_per_s": round(progress.done / max(time.perf_counter() - progress.t0, 1e-9), 4),
+                "failures_by_reason": dict(reasons.most_common())}
+    card = write_dataset_card(job.output, cfg, this_run, cfg.storage)
+    summary = {"output": job.output, "this_run": this_run, "manifest": card["counts"],
+               "failures_by_reason": this_run["failures_by_reason"], "duplicates_collapsed": counts["duplicates"],
+               "conflicting_ids": counts["conflicts"], "consolidation": final}
     print(f"[generate] finished: {progress.line()}", flush=True)
-    print(f"[generate] manifest: {summary['manifest']['rows']} rows ({summary['manifest']['done']} done, "
-          f"{summary['manifest']['failed']} failed) at {job.output}/manifest.parquet", flush=True)
-    if progress.reasons:
-        print("[generate] failures by reason: " + ", ".join(f"{k}: {v}" for k, v in progress.reasons.most_common()), flush=True)
+    print(f"[generate] this run: {counts['rows']} rows read, {counts['duplicates']} duplicates collapsed (a row whose id "
+          f"an earlier row of this run already took with the same prompt and seed), {counts['conflicts']} conflicting ids, "
+          f"{counts['recorded']} already recorded, {progress.done} done, {this_run['failed']} failed", flush=True)
+    m = card["counts"]
+    print(f"[generate] manifest: {m['rows']} rows ({m['done']} done, {m['failed']} failed) in {job.output}/manifest/ "
+          f"(dataset card: {job.output}/README.md, dataset.json)", flush=True)
+    if reasons:
+        print("[generate] failures by reason: " + ", ".join(f"{k}: {v}" for k, v in reasons.most_common()), flush=True)
     return summary
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m pipelines.generate",
-        description="Turn a prompt set into a 3D Gaussian-splat dataset on Ray Data (resumable, exactly once).",
+        description="Turn a prompt set into a 3D Gaussian-splat dataset on Ray Data (streaming, resumable, exactly once).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""\
 input: .txt (one prompt a line), .jsonl / .csv / .parquet (column prompt; optional id, seed,
-negative_prompt), as a file, a glob, a directory or an s3:// prefix. Ids come from the content
-when absent (equal prompts collapse to one id); seeds derive from ids when absent.
+negative_prompt), as a file, a glob, a directory or an s3:// prefix, of any size: the files are
+read in parallel by Ray Data on the cluster, never loaded by this driver. Ids come from the content
+when absent (equal prompts collapse to one id and one scene); seeds derive from ids when absent.
 
-output (generate.output):  scenes/<shard>/<id>.ply|.png|.cameras.json|.meta.json and
-manifest.parquet (id, prompt, seed, status, error, scene_uri, num_gaussians, bbox, timings, ...).
-Rerun the same command to resume: completed ids are skipped; failed ones too unless
---set generate.retry_failed=true.
+output (generate.output):  scenes/<shard>/<id>.ply|.spz|.png|.cameras.json|.meta.json,
+manifest/bucket-*.parquet (one row per id: prompt, seed, status, error, files, timings, licence,
+provenance, ...; read the directory with pandas / pyarrow / Ray Data), commits/ (the commit log,
+folded into manifest/ at the end), and the dataset card README.md + dataset.json.
+Rerun the same command to resume: recorded ids are skipped (failed ones too unless
+--set generate.retry_failed=true).
 
 examples:
   python -m pipelines.generate --config deploy/generate.yaml
@@ -254,6 +417,8 @@ examples:
     p.add_argument("--config", default="deploy/generate.yaml", help="YAML config (default: %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override one config key (repeatable), e.g. --set generate.actors=4")
+    p.add_argument("--no-progress-bar", action="store_true", help="print a progress line every "
+                   "generate.progress_every_s instead of a bar (the default when stderr is not a terminal)")
     return p.parse_args(argv)
 
 
@@ -261,7 +426,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        run(cfg)
+        run(cfg, progress_bar=False if args.no_progress_bar else None)
     except (ConfigError, FileNotFoundError, PermissionError, ValueError) as exc:
         print(f"generate: error: {exc}", file=sys.stderr)
         return 2

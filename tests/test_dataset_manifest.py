@@ -1,13 +1,20 @@
 import pyarrow.parquet as pq
+import pytest
 
-from vist3a.dataset import (MANIFEST_SCHEMA, compact_manifest, empty_manifest_row, read_manifest, recorded_ids,
+from vist3a.dataset import (MANIFEST_SCHEMA, consolidate_manifest, empty_manifest_row, read_manifest, recorded_ids,
                             scene_uri, shard_of, write_manifest_part, write_scene)
 from vist3a.io import read_bytes
 
 
+_CLOCK = iter(range(10**9))
+
+
 def _row(i, status="done"):
+    import datetime as dt
+
     r = empty_manifest_row()
-    r.update(id=i, prompt=f"p {i}", negative_prompt="", seed=1, status=status)
+    r.update(id=i, prompt=f"p {i}", negative_prompt="", seed=1, status=status,
+             finished_at=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(seconds=next(_CLOCK)))
     return r
 
 
@@ -22,9 +29,12 @@ def test_parts_dedupe_and_prefer_done(tmp_path):
     assert status == {"a": "done", "b": "done", "c": "failed"}
     assert recorded_ids(out) == {"a", "b", "c"}
     assert recorded_ids(out, include_failed=False) == {"a", "b"}
-    compact_manifest(out)
-    final = pq.read_table(tmp_path / "manifest.parquet")
+    stats = consolidate_manifest(out)
+    assert stats == {"parts_folded": 3, "rows_in": 5, "buckets_written": len({shard_of(i)[0] for i in "abc"}), "rows": 3}
+    assert not list((tmp_path / "commits").glob("*.parquet"))
+    final = pq.read_table(tmp_path / "manifest")  # the directory, as pandas / pyarrow users read it
     assert final.schema.equals(MANIFEST_SCHEMA) and final.num_rows == 3
+    assert read_manifest(out).to_pylist() == table.to_pylist()
 
 
 def test_same_batch_rewrites_same_part(tmp_path):
@@ -48,8 +58,8 @@ def test_temp_files_of_killed_writers_are_removed_and_finished_files_kept(tmp_pa
     write_bytes(str(tmp_path / "scenes" / "ab" / "x.ply"), b"complete")
     (tmp_path / "scenes" / "cd").mkdir(parents=True)
     (tmp_path / "scenes" / "cd" / ".tmp-k1lled-y.ply").write_bytes(b"half")
-    (tmp_path / "manifest" / "parts").mkdir(parents=True)
-    (tmp_path / "manifest" / "parts" / ".tmp-k1lled-p.parquet").write_bytes(b"")
+    (tmp_path / "commits").mkdir(parents=True)
+    (tmp_path / "commits" / ".tmp-k1lled-p.parquet").write_bytes(b"")
     assert remove_temp_files(str(tmp_path)) == 2
     assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()] == ["scenes/ab/x.ply"]
     assert (tmp_path / "scenes" / "ab" / "x.ply").read_bytes() == b"complete"
@@ -63,7 +73,7 @@ def test_a_value_that_does_not_fit_names_the_row_field_and_value(tmp_path):
     bad["prompt"] = float("nan")  # what an all-null column of a numpy batch used to hand over
     with pytest.raises(ValueError, match=r"manifest row 'a': field 'prompt' = nan \(float\) does not fit string"):
         write_manifest_part(str(tmp_path), [_row("b"), bad])
-    assert not (tmp_path / "manifest").exists()
+    assert not (tmp_path / "commits").exists()
 
 
 def test_stage_rows_of_bad_rows_alone_stay_typed(tmp_path):
@@ -80,3 +90,146 @@ def test_stage_rows_of_bad_rows_alone_stay_typed(tmp_path):
     out = write_scenes(batch, str(tmp_path), {}, 0)
     assert out.schema.equals(RESULT_SCHEMA) and out.column("status").to_pylist() == ["failed"] * 3
     assert read_manifest(str(tmp_path)).column("error").to_pylist() == ["empty prompt"] * 3
+
+
+# ----------------------------------------------------------------------------- consolidation, killed (issue 15)
+
+
+def _commit_log(out, parts=12, rows=9):
+    """A commit log as a run leaves it: parts of several ids each, retried ids, a failed row later done."""
+    for p in range(parts):  # each id is in two parts (a retried unit), every part is a different set of ids
+        write_manifest_part(out, [_row(f"s{(p * rows + k) % (parts * rows // 2):05d}", "failed" if k == 0 else "done")
+                                  for k in range(rows)])
+    write_manifest_part(out, [_row("s00000"), _row("late")])  # regenerated after failing: done wins
+
+
+def _unique_in_manifest_dir(out):
+    import pyarrow as pa
+
+    files = sorted((__import__("pathlib").Path(out) / "manifest").glob("bucket-*.parquet"))
+    ids = pa.concat_tables([pq.read_table(f) for f in files]).column("id").to_pylist() if files else []
+    assert len(ids) == len(set(ids)), "manifest/ holds an id twice"
+    return set(ids)
+
+
+def test_consolidation_failing_at_any_step_loses_and_duplicates_nothing(tmp_path, monkeypatch):
+    """Stop consolidation at each of its writes and deletes in turn (as a kill would), then finish it."""
+    import shutil
+
+    import fsspec
+
+    import vist3a.dataset as dataset
+
+    seed = str(tmp_path / "seed")
+    _commit_log(seed)
+    consolidate_manifest(seed)  # an earlier consolidation: buckets exist, so rewrites merge old rows too
+    _commit_log(seed, parts=5, rows=7)
+    want = read_manifest(seed).to_pylist()
+    steps = 0
+    real_write, real_rm = dataset.write_bytes, type(fsspec.filesystem("file")).rm_file
+
+    class Killed(Exception):
+        pass
+
+    def counting(limit):
+        def write(*a, **k):
+            nonlocal steps
+            steps += 1
+            if steps > limit:
+                raise Killed
+            return real_write(*a, **k)
+
+        def rm(self, *a, **k):
+            nonlocal steps
+            steps += 1
+            if steps > limit:
+                raise Killed
+            return real_rm(self, *a, **k)
+        return write, rm
+
+    write, rm = counting(10**9)
+    monkeypatch.setattr(dataset, "write_bytes", write)
+    monkeypatch.setattr(type(fsspec.filesystem("file")), "rm_file", rm)
+    shutil.copytree(seed, tmp_path / "count")
+    consolidate_manifest(str(tmp_path / "count"))
+    total = steps
+    assert total > 10  # every step below is a real place to stop
+    for limit in range(total):
+        out = str(tmp_path / f"stop{limit}")
+        shutil.copytree(seed, out)
+        steps = 0
+        write, rm = counting(limit)
+        monkeypatch.setattr(dataset, "write_bytes", write)
+        monkeypatch.setattr(type(fsspec.filesystem("file")), "rm_file", rm)
+        with pytest.raises(Killed):
+            consolidate_manifest(out)
+        monkeypatch.setattr(dataset, "write_bytes", real_write)
+        monkeypatch.setattr(type(fsspec.filesystem("file")), "rm_file", real_rm)
+        assert read_manifest(out).to_pylist() == want, f"stopped after {limit} steps"
+        _unique_in_manifest_dir(out)
+        consolidate_manifest(out)
+        assert read_manifest(out).to_pylist() == want and _unique_in_manifest_dir(out) == {r["id"] for r in want}
+        assert not list((tmp_path / f"stop{limit}" / "commits").glob("*.parquet"))
+
+
+def test_consolidation_sigkilled_midway_loses_and_duplicates_nothing(tmp_path):
+    """A real SIGKILL of a process consolidating a commit log: while it writes the buckets, while it deletes
+    the folded parts, and after a few fixed delays; then a full consolidation."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = str(tmp_path / "ds")
+    _commit_log(out, parts=600, rows=20)
+    want = read_manifest(out).to_pylist()
+    commits, buckets = Path(out) / "commits", Path(out) / "manifest"
+    n_parts = len(list(commits.glob("*.parquet")))
+    code = f"from vist3a.dataset import consolidate_manifest; print('go', flush=True); consolidate_manifest({out!r})"
+
+    def kill_when(moment):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "go"
+        deadline = time.time() + 60
+        while not moment() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.001)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert read_manifest(out).to_pylist() == want
+        return _unique_in_manifest_dir(out)
+
+    # while writing buckets: some written, no part deleted yet
+    kill_when(lambda: len(list(buckets.glob("bucket-*.parquet"))) >= 3)
+    assert len(list(commits.glob("*.parquet"))) == n_parts
+    # while deleting the folded parts: some gone, some left
+    kill_when(lambda: len(list(commits.glob("*.parquet"))) < n_parts * 0.8)
+    left = len(list(commits.glob("*.parquet")))
+    assert 0 < left < n_parts
+    for delay in (0.0, 0.3):
+        _commit_log(out, parts=60, rows=20)
+        want = read_manifest(out).to_pylist()
+        start = time.time()
+        kill_when(lambda: time.time() - start > delay)
+    consolidate_manifest(out)
+    assert read_manifest(out).to_pylist() == want and _unique_in_manifest_dir(out) == {r["id"] for r in want}
+    assert not list(commits.glob("*.parquet"))
+
+
+def test_older_layouts_are_read_and_folded_in(tmp_path):
+    """Datasets written before the commit log (manifest/parts/ + manifest.parquet) resume as they are."""
+    import pyarrow as pa
+
+    from vist3a.dataset import typed_table
+
+    (tmp_path / "manifest" / "parts").mkdir(parents=True)
+    old = typed_table([_row("old1"), _row("old2", "failed")], MANIFEST_SCHEMA).drop_columns(["licence", "provenance"])
+    pq.write_table(old, tmp_path / "manifest.parquet")  # an older schema: the new columns read as null
+    pq.write_table(typed_table([_row("old2")], MANIFEST_SCHEMA), tmp_path / "manifest" / "parts" / "x.parquet")
+    write_manifest_part(str(tmp_path), [_row("new")])
+    assert recorded_ids(str(tmp_path), include_failed=False) == {"old1", "old2", "new"}
+    consolidate_manifest(str(tmp_path))
+    assert not (tmp_path / "manifest.parquet").exists() and not list((tmp_path / "manifest" / "parts").iterdir())
+    assert _unique_in_manifest_dir(str(tmp_path)) == {"old1", "old2", "new"}
+    assert pa.concat_tables([pq.read_table(f) for f in (tmp_path / "manifest").glob("bucket-*")]).schema.equals(MANIFEST_SCHEMA)

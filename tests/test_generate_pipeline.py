@@ -72,8 +72,9 @@ def test_formats_bad_rows_duplicates_and_rerun(tmp_path, ray_local):
     out = tmp_path / "out"
     summary = run(_cfg(tmp_path / "in", out))
     rows = {r["source"]: r for r in _check_consistent(str(out))}
-    final = pq.read_table(out / "manifest.parquet")
-    assert final.schema.equals(MANIFEST_SCHEMA)
+    final = pq.read_table(out / "manifest")  # the directory, as the dataset card tells users to read it
+    assert final.schema.equals(MANIFEST_SCHEMA) and final.num_rows == len(rows)
+    assert not list(out.glob("commits/*.parquet"))  # every commit part folded into the manifest's buckets
     done = {r["prompt"] for r in rows.values() if r["status"] == "done"}
     assert done == {"a red barn", "a blue lake", "a green hill", "a stone bridge"}
     assert rows["b.jsonl:1"]["id"] == "lake" and rows["b.jsonl:1"]["seed"] == 3
@@ -85,6 +86,17 @@ def test_formats_bad_rows_duplicates_and_rerun(tmp_path, ray_local):
     assert "bad seed 'nope'" in reasons["b.jsonl:3"]
     assert reasons["b.jsonl:4"].startswith("invalid JSON")
     assert summary["duplicates_collapsed"] == 2  # "a red  barn" (txt) and "a red barn" (parquet)
+    card = json.loads((out / "dataset.json").read_text())
+    assert card["counts"] == summary["manifest"] == {"rows": len(rows), "done": 4, "failed": len(rows) - 4}
+    assert card["failures_by_reason"]["prompt too long"] == 1 and card["licences"] == {"random weights (no licence terms)": 4}
+    assert card["bytes"]["ply"] == sum(r["ply_bytes"] for r in rows.values() if r["status"] == "done") > 0
+    assert card["timings_s"]["sample_s"]["n"] == 4 and card["last_run"]["duplicates_collapsed"] == 2
+    readme = (out / "README.md").read_text()
+    assert "4 scenes done" in readme and 'pd.read_parquet("manifest/")' in readme and "random weights" in readme
+    done_rows = [r for r in rows.values() if r["status"] == "done"]
+    assert {r["licence"] for r in done_rows} == {"random weights (no licence terms)"}
+    prov = json.loads(done_rows[0]["provenance"])
+    assert prov["model"]["preset"] == "tiny" and prov["sampling"]["steps"] == 2 and "torch" in prov["versions"]
     # the same command again: nothing to do, nothing rewritten
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("scenes/*/*.ply")}
     again = run(_cfg(tmp_path / "in", out))
@@ -115,7 +127,8 @@ def test_prompt_sets_of_bad_rows_alone_finish_in_every_format(tmp_path, ray_loca
     assert all(r["status"] == "failed" and r["error"] for r in rows.values())
     assert rows["bad.jsonl:1"]["error"] == "empty prompt" and rows["bad.csv:3"]["error"] == "empty prompt"
     assert "tokens, over the limit" in rows["bad.txt:2"]["error"]
-    assert rows["bad.parquet:row1"]["error"] == "missing prompt" and rows["bad.parquet:row1"]["id"] == "p1"
+    # a row that cannot be generated is recorded under an id of its own, never the one it gave
+    assert rows["bad.parquet:row1"]["error"] == "missing prompt" and rows["bad.parquet:row1"]["id"].startswith("invalid-")
     assert rows["bad.parquet:row2"]["error"].startswith("bad id '../escape'")
     assert not (tmp_path / "escape").exists() and not list(out.glob("scenes/**/*.ply"))
     # the rerun that once crashed every time: nothing left to do, and failed rows retried on request
@@ -140,15 +153,27 @@ def test_s3_round_trip(tmp_path, s3_bucket, ray_local):
     assert {(r["negative_prompt"], r["prompt_template"]) for r in rows} == {("blurry", "an orbit around `{prompt}`")}
     meta = json.loads(read_bytes(rows[0]["scene_uri"][:-4] + ".meta.json"))
     assert meta["prompt"] == rows[0]["prompt"] and meta["prompt_template"] == "an orbit around `{prompt}`"
-    assert exists(f"{out}/manifest.parquet")
+    assert exists(f"{out}/dataset.json") and exists(f"{out}/README.md")
+    fs, root = filesystem(out)
+    assert fs.glob(f"{root}/manifest/bucket-*.parquet") and not fs.glob(f"{root}/commits/*.parquet")
 
 
-def _wait_parts(parts, n, proc, timeout=300):
+def _committed_rows(parts) -> int:
+    n = 0
+    for p in parts.glob("*.parquet"):
+        try:
+            n += pq.ParquetFile(p).metadata.num_rows
+        except (OSError, pa.ArrowInvalid):  # a part being renamed into place
+            pass
+    return n
+
+
+def _wait_rows(parts, n, proc, timeout=300):
     deadline = time.time() + timeout
-    while time.time() < deadline and len(list(parts.glob("*.parquet"))) < n:
+    while time.time() < deadline and _committed_rows(parts) < n:
         assert proc.poll() is None, "the run ended before the kill"
         time.sleep(0.2)
-    assert len(list(parts.glob("*.parquet"))) >= n
+    assert _committed_rows(parts) >= n
 
 
 def _kill_worker(proc, title, busy=False, timeout=300):
@@ -176,20 +201,21 @@ def test_sigkill_worker_then_driver_then_resume_exactly_once(tmp_path, repo_root
     args = [sys.executable, "-m", "pipelines.generate", "--config", "deploy/generate.yaml",
             "--set", f"generate.input={tmp_path / 'p.txt'}", "--set", f"generate.output={out}",
             # generation (many steps) is the slow stage, so the generator actor is busy when killed
-            "--set", "sampling.steps=24", "--set", "generate.batch_size=1", "--set", "splats.preview_size=32",
+            "--set", "sampling.steps=24", "--set", "generate.batch_size=1", "--set", "generate.commit_scenes=1",
+            "--set", "splats.preview_size=32",
             "--set", "splats.preview_views=1",
             "--set", "ray.progress_bars=false"]
     env = {**os.environ, "PYTHONPATH": repo_root}
     proc = subprocess.Popen(args, cwd=repo_root, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parts = out / "manifest" / "parts"
+    parts = out / "commits"
     try:
         # 1) workers die mid-work: SIGKILL the generator actor while it runs a batch, then a
         #    writer task's process; Ray restarts the actor / retries the task and the run goes on.
         _kill_worker(proc, "MapBatches(GenerateScenes)", busy=True)
         _kill_worker(proc, "MapBatches(write_scenes)")
         # 2) then the driver crashes with its whole local Ray (SIGKILL to every process at once).
-        _wait_parts(parts, 3, proc)
+        _wait_rows(parts, 3, proc)  # the two bad rows (committed at validation) and at least one scene
         tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         for pid in tree:
             try:
@@ -222,11 +248,44 @@ def test_sigkill_worker_then_driver_then_resume_exactly_once(tmp_path, repo_root
     rows = _check_consistent(str(out))
     assert sorted(r["prompt"] for r in rows if r["status"] == "done") == sorted(prompts)
     assert sorted(r["source"] for r in rows if r["status"] == "failed") == ["p.txt:10", "p.txt:9"]
-    # exactly once: across every committed part of both runs, each id appears once
-    all_parts = pa.concat_tables([pq.read_table(p) for p in parts.glob("*.parquet")])
-    ids = all_parts.column("id").to_pylist()
+    # exactly once: every committed row of both runs is folded into manifest/, where each id appears once
+    assert not list(parts.glob("*.parquet"))
+    all_rows = pa.concat_tables([pq.read_table(p) for p in (out / "manifest").glob("bucket-*.parquet")])
+    ids = all_rows.column("id").to_pylist()
     total = len(prompts) + 2
     assert len(ids) == len(set(ids)) == total
-    assert f"{committed_before} already recorded, {total - committed_before} to do" in done.stdout
-    assert f"done {len(prompts) - committed_before + failed_before}, failed {2 - failed_before}" in done.stdout
+    assert (f"{committed_before} already recorded, {len(prompts) - (committed_before - failed_before)} done, "
+            f"{2 - failed_before} failed") in done.stdout
     assert not list(out.rglob(".tmp-*"))  # no half-written file left behind
+
+
+def test_prompt_set_over_many_files_and_read_units_on_s3(tmp_path, s3_bucket, ray_local):
+    """A prompt set split over many S3 files, each line file cut into many read units, read by two
+    validators sharing a two-shard id ledger: every row once, line numbers right, duplicates across files
+    collapsed to one scene, a conflicting id recorded as such; a rerun does nothing."""
+    from pipelines.generate import run
+    from vist3a.io import write_text
+
+    prompts = [f"a scene of kind {k}" for k in range(6)]
+    for f in range(5):  # the same six prompts spread over five files, most of them twice
+        lines = [json.dumps({"prompt": prompts[(f + k) % 6], "pad": "x" * 40}) for k in range(3)]
+        write_text(f"s3://{s3_bucket}/many/part-{f}.jsonl", "\n".join(lines) + "\n")
+    write_text(f"s3://{s3_bucket}/many/ids.jsonl", json.dumps({"id": "fixed", "prompt": "a castle"}) + "\n"
+               + json.dumps({"id": "fixed", "prompt": "a different castle"}) + "\n" + '{"prompt": ""}\n')
+    out = f"s3://{s3_bucket}/many-out"
+    summary = run(_cfg(f"s3://{s3_bucket}/many/", out, validators=2, read_chunk_mb=64 / 2**20, block_rows=2,
+                       commit_scenes=2))
+    rows = _check_consistent(out)
+    done = sorted(r["prompt"] for r in rows if r["status"] == "done")
+    assert done == sorted(prompts + ["a castle"]) or done == sorted(prompts + ["a different castle"])
+    failed = {r["source"]: r["error"] for r in rows if r["status"] == "failed"}
+    assert failed.pop("ids.jsonl:3") == "empty prompt"
+    ((src, err),) = failed.items()  # whichever of the two "fixed" rows a validator admitted second
+    assert src in ("ids.jsonl:1", "ids.jsonl:2") and err.startswith("duplicate id 'fixed' with a different prompt")
+    r = summary["this_run"]
+    assert (r["rows_read"], r["done"], r["duplicates_collapsed"], r["conflicting_ids"]) == (18, 7, 15 - 6, 1)
+    assert summary["manifest"] == {"rows": 9, "done": 7, "failed": 2}
+    again = run(_cfg(f"s3://{s3_bucket}/many/", out, validators=2, read_chunk_mb=64 / 2**20))
+    # every row's id is recorded now (an id is skipped before any claim, so the conflict stays as it was)
+    assert (again["this_run"]["done"], again["this_run"]["failed"], again["this_run"]["already_recorded"]) == (0, 0, 18)
+    assert _check_consistent(out) == rows

@@ -30,3 +30,16 @@ def test_validation_counts_the_templated_prompt():
     reason = check_prompt(tok, "x" * 50, 64, template)
     assert reason == "prompt too long: 70 tokens with sampling.prompt_template around it, over the limit of 64"
     assert check_prompt(tok, "", 64, template) == "prompt is empty"  # the user's prompt, not the template
+
+
+def test_progress_bar_on_a_terminal_counts_every_row_accounted_for(capsys):
+    """tqdm over ≈ the set's rows: scenes done or failed, rows refused at validation, rows skipped."""
+    progress = Progress(total=10, every_s=1e9, bar=True)
+    progress.update(pa.table({"status": ["done", "done", "failed"], "error": [None, None, "generation failed: x"]}))
+    progress.ledger({"refused": 2, "duplicates": 1, "recorded": 3, "reasons": {"empty prompt": 2}})
+    progress.close()
+    err = capsys.readouterr().err
+    assert progress.seen == 9 and "9/10" in err and "done=2" in err and "failed=3" in err and "skipped=4" in err
+    assert "done 2, failed 3, skipped 4" in progress.line() and "of ≈10" in progress.line()
+    quiet = Progress(total=None, every_s=1e9, bar=False)
+    assert quiet.bar is None and "9" not in quiet.line().split(":")[0]

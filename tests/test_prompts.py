@@ -148,3 +148,67 @@ def test_a_duplicate_explicit_id_with_another_prompt_is_a_failed_row_that_says_s
     err = rows["p.jsonl:3"]["error"]
     assert err == "duplicate id 'scene-1' with a different prompt than p.jsonl:1 (which keeps the id)"
     assert rows["p.jsonl:3"]["id"] != "scene-1" and len(set(table.column("id").to_pylist())) == 2
+
+
+# ----------------------------------------------------------------------------- streaming read units (issue 15)
+
+
+def _rows_by_chunks(uri, chunk_bytes):
+    from vist3a.io.prompts import chunk_rows, count_newlines, number_chunks, plan_chunks
+
+    chunks = plan_chunks(uri, chunk_bytes=chunk_bytes)
+    chunks = number_chunks(chunks, {i: count_newlines(c) for i, c in enumerate(chunks)})
+    return chunks, [r for c in chunks for r in chunk_rows(c)]
+
+
+def test_line_files_cut_anywhere_read_every_row_once_with_its_line_number(tmp_path):
+    """A .txt/.jsonl file cut into byte ranges of any size gives the rows, sources and ids of reading it whole:
+    CRLF, blank lines, a BOM, long lines across many cuts, undecodable bytes, no final newline."""
+    import random
+
+    rng = random.Random(0)
+    lines = [b"\xef\xbb\xbfa first prompt"]
+    for k in range(60):
+        kind = rng.random()
+        lines.append(b"" if kind < 0.1 else b"bad \xff line" if kind < 0.15 else
+                     (f"prompt {k} " + "long " * rng.randint(0, 40)).encode() + (b"\r" if kind > 0.9 else b""))
+    (tmp_path / "p.txt").write_bytes(b"\n".join(lines))  # no final newline
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"prompt": f"j {k}", "seed": k}) + "\n" for k in range(25)))
+    for name in ("p.txt", "q.jsonl"):
+        whole, _ = read_prompts(str(tmp_path / name))
+        want = whole.to_pylist()
+        for chunk_bytes in (1, 2, 3, 7, 64, 333, 10**6):
+            chunks, got = _rows_by_chunks(str(tmp_path / name), chunk_bytes)
+            assert got == want, (name, chunk_bytes)
+            assert len(chunks) == max(1, -(-(tmp_path / name).stat().st_size // chunk_bytes))
+    assert want[-1]["source"] == "q.jsonl:25" and whole.num_rows == 25
+
+
+def test_plan_refuses_files_without_a_prompt_column_by_name(tmp_path):
+    from vist3a.io.prompts import plan_chunks
+
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match=r"t\.parquet: Parquet needs a 'prompt' column \(found \['text'\]\)"):
+        plan_chunks(str(tmp_path))
+    (tmp_path / "t.parquet").unlink()
+    pq.write_table(pa.table({"prompt": ["x", "y", "z"]}), tmp_path / "ok.parquet")
+    (chunk,) = plan_chunks(str(tmp_path))
+    assert chunk["rows"] == 3 and chunk["first_line"] == 1
+
+
+def test_ledger_first_claim_wins_and_a_retried_row_is_admitted_again():
+    from vist3a.io.prompts import PromptLedger, normalise_row
+
+    a1 = normalise_row({"prompt": "a castle", "id": "s1", "source": "a:1"})
+    a2 = normalise_row({"prompt": "a castle", "id": "s1", "source": "b:7"})       # duplicate
+    c = normalise_row({"prompt": "a lighthouse", "id": "s1", "source": "b:8"})    # conflict
+    done = normalise_row({"prompt": "a finished scene", "source": "b:9"})
+    ledger = PromptLedger(skip=[done["id"]])
+    assert ledger.admit(a1) == a1
+    assert ledger.admit(a2) is None
+    conflict = ledger.admit(c)
+    assert conflict["id"].startswith("invalid-") and "with a different prompt than a:1" in conflict["error"]
+    assert ledger.admit(done) is None
+    assert ledger.admit(dict(a1)) == a1  # the same source again: a retried task, not a duplicate
+    assert dict(ledger.stats) == {"rows": 5, "duplicates": 1, "conflicts": 1, "invalid": 1, "recorded": 1}
+    assert PromptLedger(skip=[conflict["id"]]).admit(conflict) is None  # a refused row an earlier run recorded

@@ -93,14 +93,14 @@ def test_bulk_write_stage_records_every_file_uri_and_bytes(generators, tmp_path)
                                  schema=STAGE_SCHEMA)
     out = str(tmp_path / "ds")
     write_scenes(batch, out, {}, 0, ["ply", "spz"])
-    (part,) = (tmp_path / "ds" / "manifest" / "parts").iterdir()
+    (part,) = (tmp_path / "ds" / "commits").iterdir()
     row = pq.read_table(part, schema=MANIFEST_SCHEMA).to_pylist()[0]
     assert row["status"] == "done" and row["scene_uri"] == row["ply_uri"] and row["spz_uri"].endswith("/s1.spz")
     for prefix in ("ply", "spz", "preview", "cameras", "meta"):
         assert row[f"{prefix}_bytes"] == os.path.getsize(row[f"{prefix}_uri"]) > 0, prefix
     assert read_spz(row["spz_uri"]).num == row["num_gaussians"] == scene.num_gaussians
     write_scenes(batch, str(tmp_path / "spz_only"), {}, 0, ["spz"])
-    (part,) = (tmp_path / "spz_only" / "manifest" / "parts").iterdir()
+    (part,) = (tmp_path / "spz_only" / "commits").iterdir()
     row = pq.read_table(part, schema=MANIFEST_SCHEMA).to_pylist()[0]
     assert row["ply_uri"] is None and row["ply_bytes"] is None and row["scene_uri"] == row["spz_uri"]
 

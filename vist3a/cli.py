@@ -149,7 +149,7 @@ def cmd_dataset_filter(args) -> int:
     import pyarrow.parquet as pq
 
     from vist3a.config import StorageConfig
-    from vist3a.dataset import read_manifest
+    from vist3a.dataset import MANIFEST_PLACES, read_manifest
     from vist3a.evaluation import filter_scores
     from vist3a.io import read_bytes, write_bytes
 
@@ -159,7 +159,7 @@ def cmd_dataset_filter(args) -> int:
     else:
         table = read_manifest(args.source, storage)
         if not table.num_rows:
-            raise FileNotFoundError(f"no manifest at {args.source} (looked for manifest.parquet and manifest/parts/)")
+            raise FileNotFoundError(f"no manifest at {args.source} (looked for {MANIFEST_PLACES})")
     minimum, maximum = dict(args.min), dict(args.max)
     for flag, (kind, col) in SHORTCUTS.items():
         if getattr(args, flag) is not None:

@@ -289,13 +289,23 @@ class GenerateJobConfig(Strict):
 
     input: str = Field("deploy/prompts/demo.txt", description="prompt file, glob, directory or s3:// prefix")
     output: str = Field("out/dataset", description="output directory or s3:// prefix")
-    limit: int | None = Field(None, ge=1, description="only the first N unique prompts (for trials)")
+    limit: int | None = Field(None, ge=1, description="only the first N rows of the prompt set (for trials)")
     actors: int = Field(1, ge=1, description="generator actors (model replicas)")
     gpus_per_actor: float = Field(0.0, ge=0.0)
     cpus_per_actor: float = Field(1.0, gt=0.0)
     batch_size: int = Field(2, ge=1, description="prompts per generator call")
     cpu_stage_cpus: float = Field(0.25, gt=0.0, description="CPU share of each validation / writing task")
-    validators: int = Field(1, ge=1, description="prompt-validation actors (tokenizer only)")
+    validators: int = Field(1, ge=1, description="prompt-validation actors (tokenizer only); as many id-ledger "
+                                                 "actors hold the ids this run has seen (duplicates, conflicts)")
+    read_chunk_mb: float = Field(16.0, gt=0.0, description=(
+        "a .txt/.jsonl prompt file is read in parallel pieces of this many MB (CSV and Parquet files: one piece a file)"))
+    block_rows: int = Field(1000, ge=1, description=(
+        "rows per validation call; the rows it refuses are committed together, one manifest part per block"))
+    commit_scenes: int = Field(32, ge=1, description=(
+        "scenes per generator task and per manifest commit: a killed actor loses at most this many scenes' work; "
+        "larger means fewer commit files (a multiple of batch_size keeps batches full)"))
+    consolidate_every_s: float = Field(900.0, gt=0.0, description=(
+        "fold the commit parts into the manifest's bucket files this often during a run (and always at its start and end)"))
     retry_failed: bool = Field(False, description="regenerate ids recorded as failed by an earlier run")
     progress_every_s: float = Field(10.0, gt=0.0)
     scores: list[str] = Field(default_factory=list, description=(

@@ -7,6 +7,8 @@ files; `generate_scene(...)` does both for one prompt. Pipelines (Ray Data, Serv
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import platform
 import time
@@ -26,7 +28,7 @@ from vist3a.splats.gaussians import Cameras, Gaussians
 from vist3a.splats.ply import ply_bytes
 from vist3a.splats.preview import png_bytes, render_previews, save_preview_grid
 from vist3a.splats.spz import spz_bytes
-from vist3a.weights import prepare_weights
+from vist3a.weights import prepare_weights, weights_provenance
 
 PACKAGES = ("vist3a", "torch", "diffusers", "transformers", "peft", "gsplat", "numpy")
 
@@ -170,8 +172,31 @@ class SceneGenerator:
             ))
         return scenes
 
+    @functools.cached_property
+    def model_provenance(self) -> dict:
+        """The model a scene came from: preset, config fingerprint, each weights file's quick fingerprint,
+        the LoRA and the licence terms (vist3a.weights.weights_provenance). Worked out once per generator,
+        at the first meta: from the start-up check when one was kept (`weights_check`), else by locating
+        the weights again without fetching (headers only)."""
+        return {"preset": self.cfg.preset, "config_fingerprint": self.fingerprint,
+                **weights_provenance(self.cfg, getattr(self, "weights_check", None))}
+
+    def provenance(self, scene: Scene, versions: dict | None = None) -> dict:
+        """Everything that decides a scene besides its prompt, in one place: the model (model_provenance),
+        the settings it was sampled with (a request's steps/guidance/negative prompt over the config's)
+        and the software versions."""
+        s = self.cfg.sampling
+        return {
+            "model": copy.deepcopy(self.model_provenance),  # the cached record stays as it was
+            "sampling": {"prompt_template": s.prompt_template, "negative_prompt": scene.negative_prompt,
+                         "steps": scene.steps or s.steps, "guidance": s.guidance if scene.guidance is None else scene.guidance,
+                         "shift": s.shift, "frames": s.frames, "height": s.height, "width": s.width, "seed": scene.seed},
+            "versions": versions or package_versions(),
+        }
+
     def meta(self, scene: Scene) -> dict:
         lo, hi = scene.bbox()
+        versions = package_versions()
         return {
             "prompt": scene.prompt,
             "negative_prompt": scene.negative_prompt,
@@ -189,7 +214,9 @@ class SceneGenerator:
             "timings": scene.timings,
             "scores": {k: None if v != v else v for k, v in scene.scores.items()},  # NaN -> null: strict JSON
             "device": str(self.device),
-            "versions": package_versions(),
+            "versions": versions,
+            "licence": self.model_provenance["licence"],  # the terms the weights put on this scene
+            "provenance": self.provenance(scene, versions),
         }
 
 

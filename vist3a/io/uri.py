@@ -84,13 +84,16 @@ def write_bytes(uri: str, data: bytes, storage=None) -> None:
 TEMP_PREFIX = ".tmp-"
 
 
-def remove_temp_files(uri: str) -> int:
-    """Delete the temporary siblings that writers killed mid-write left under a local `uri`; returns
-    how many. Call it only when no writer of this output is running (S3 has none: a PUT is whole)."""
+def remove_temp_files(uri: str, recursive: bool = True) -> int:
+    """Delete the temporary siblings that writers killed mid-write left under a local `uri` (in it alone
+    unless `recursive`); returns how many. Call it only when no writer of this output is running (S3 has
+    none: a PUT is whole)."""
     if is_s3(uri):
         return 0
     removed = 0
-    for root, _dirs, files in os.walk(os.path.abspath(os.path.expanduser(str(uri)))):
+    for root, dirs, files in os.walk(os.path.abspath(os.path.expanduser(str(uri)))):
+        if not recursive:
+            dirs.clear()
         for name in files:
             if name.startswith(TEMP_PREFIX):
                 try:

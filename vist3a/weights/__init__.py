@@ -1,7 +1,15 @@
 """Released and our own weights: where they are (local, s3://, hub), whether they are complete,
 and converters that load released checkpoints into our modules with strict checking."""
 
-from vist3a.weights.check import RELEASES, ComponentCheck, WeightsCheck, check_weights, prepare_weights
+from vist3a.weights.check import (
+    RELEASES,
+    ComponentCheck,
+    WeightsCheck,
+    check_weights,
+    prepare_weights,
+    quick_file_fingerprint,
+    weights_provenance,
+)
 from vist3a.weights.convert import (
     Checkpoint,
     CheckpointMismatchError,
@@ -41,8 +49,10 @@ __all__ = [
     "load_recon_state",
     "plan_recon",
     "prepare_weights",
+    "quick_file_fingerprint",
     "resize_pos_embed",
     "resolve",
     "s3_cache_path",
+    "weights_provenance",
     "write_manifest",
 ]

@@ -8,6 +8,8 @@ weights stop it with this message instead of a stack trace from deep inside a mo
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vist3a.ids import fingerprint
 from vist3a.weights.convert import (
     Checkpoint,
     ConversionReport,
@@ -22,7 +25,17 @@ from vist3a.weights.convert import (
     find_checkpoint,
     plan_recon_checkpoint,
 )
-from vist3a.weights.locate import Location, WeightsError, classify, hub_download_command, hub_parts, hub_repo, resolve
+from vist3a.weights.locate import (
+    COMPLETE_NAME,
+    MANIFEST_NAME,
+    Location,
+    WeightsError,
+    classify,
+    hub_download_command,
+    hub_parts,
+    hub_repo,
+    resolve,
+)
 
 if TYPE_CHECKING:  # the schema imports nothing from here; only annotations need it
     from vist3a.config import Config
@@ -443,3 +456,182 @@ def _locate(cfg: Config, name: str, key: str, spec: str, *, fetch: bool, hub_cac
     if not comp.location.found:
         comp.status, comp.hints = "missing", hints()
     return comp
+
+
+# ----------------------------------------------------------------------------- provenance
+
+RANDOM_LICENCE = "random weights (no licence terms)"
+QUICK_BYTES = 1 << 20
+#: how the per-file fingerprints in a provenance record are made (stated in the record itself)
+QUICK_FINGERPRINT = "sha256(size, first MiB, last MiB)[:16 hex]: a quick fingerprint, not a full-file hash"
+_LORA_FILES = "adapter_*"  # peft's adapter_config.json and adapter_model.safetensors (or .bin)
+
+
+def quick_file_fingerprint(path: str | Path) -> str:
+    """16 hex digits of SHA-256 over the file's size, its first MiB and its last MiB (QUICK_FINGERPRINT):
+    cheap for multi-GB checkpoints, the same for any copy of the file (no path, no mtime)."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(b"vist3a-quick-fingerprint/1\0" + size.to_bytes(8, "big"))
+    with open(path, "rb") as f:
+        if size <= 2 * QUICK_BYTES:
+            h.update(f.read())
+        else:
+            h.update(f.read(QUICK_BYTES))
+            f.seek(size - QUICK_BYTES)
+            h.update(f.read(QUICK_BYTES))
+    return h.hexdigest()[:16]
+
+
+def weights_provenance(cfg: Config, check: WeightsCheck | None = None) -> dict:
+    """What a scene's weights were, small and JSON-able (a generated scene's meta.json carries it):
+
+        {"fingerprint": over the components' fingerprints,
+         "file_fingerprint": how file fingerprints are made (QUICK_FINGERPRINT),
+         "components": {"video" | "recon" | "stitch" | "lora": {
+             "source": the configured location (path, s3:// URI, hub reference) or "random",
+             "revision": the hub commit the files came from (hub locations only),
+             "release": the known release it is (RELEASES repo), where identified,
+             "seed": (random weights only),
+             "files": {file name relative to the location: quick fingerprint} ({} for random weights),
+             "fingerprint": over `files`, or over the seeded config section for random weights,
+             "licence": the terms of these weights}},
+         "lora": model.video.lora or None,
+         "licence": one string: the terms the weights impose on the outputs}
+
+    `check` is the start-up check (`prepare_weights`' WeightsCheck); without it the weights are located
+    again without fetching (`check_weights(fetch=False, deep=False)`: file headers only)."""
+    if check is None:
+        check = check_weights(cfg, fetch=False, deep=False)
+    comps = {}
+    for comp in check.components:
+        if comp.name == "lora" and comp.status == "unset":
+            continue  # no adapter: nothing loaded
+        comps[comp.name] = (_random_provenance(cfg, comp.name) if comp.status in ("random", "unset")
+                            else _file_provenance(cfg, comp))
+    return {"fingerprint": fingerprint({name: c["fingerprint"] for name, c in comps.items()}),
+            "file_fingerprint": QUICK_FINGERPRINT, "components": comps, "lora": cfg.model.video.lora,
+            "licence": combined_licence(comps)}
+
+
+def combined_licence(components: dict[str, dict]) -> str:
+    """One string from the components' licences: the most restrictive terms first, then each component's."""
+    licences = [c["licence"] for c in components.values()]
+    if all(lic == RANDOM_LICENCE for lic in licences):
+        return RANDOM_LICENCE
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name, c in components.items():
+        groups.setdefault((c.get("release", ""), c["licence"]), []).append(name)
+    parts = [", ".join(names) + (f" ({repo})" if repo else "") + f": {lic}" for (repo, lic), names in groups.items()]
+    if any("non-commercial" in lic.lower() for lic in licences):
+        head = "non-commercial use only (the most restrictive terms of the weights used): "
+    elif any(lic.startswith("unknown") for lic in licences):
+        head = "terms not known for every component: "
+    else:
+        head = ""
+    return head + " | ".join(parts)
+
+
+def _random_provenance(cfg: Config, name: str) -> dict:
+    """Seeded random weights: fingerprinted by the config section they are drawn from (seed included)."""
+    model = cfg.model
+    section = {"video": lambda: model.video.model_dump(exclude={"weights", "lora"}),
+               "recon": lambda: model.recon.model_dump(exclude={"weights"}),
+               "stitch": lambda: {**model.stitch.model_dump(exclude={"weights", "lora_rank", "lora_alpha"}),
+                                  "in_channels": model.video.vae.z_dim}}[name]()
+    return {"source": "random", "seed": section["seed"], "files": {},
+            "fingerprint": fingerprint({"random": name, "config": section}), "licence": RANDOM_LICENCE}
+
+
+def _file_provenance(cfg: Config, comp: ComponentCheck) -> dict:
+    entry: dict = {"source": comp.spec}
+    local = comp.location.local if comp.location is not None else None
+    if comp.location is not None and comp.location.kind == "hub":
+        revision = (_hub_revision(local) if local is not None else None) or hub_parts(comp.spec)[1]
+        if revision:
+            entry["revision"] = revision
+    release, licence = _component_licence(cfg, comp)
+    if release is not None:
+        entry["release"] = release.repo
+    files = {}
+    try:
+        if local is None:
+            raise WeightsError(f"not found ({comp.status})")
+        files = {rel: quick_file_fingerprint(p) for rel, p in sorted(_loaded_files(comp.name, local).items())}
+    except (OSError, WeightsError) as exc:
+        entry["problem"] = f"{type(exc).__name__}: {exc}"[:300]
+    entry.update(files=files, fingerprint=fingerprint(files), licence=licence)
+    return entry
+
+
+def _loaded_files(name: str, local: Path) -> dict[str, Path]:
+    """The files a component loads from its local copy, by name relative to that location."""
+    if name == "video":  # the diffusers directory's subfolders the loader reads (as WAN_PATTERNS fetches them)
+        return {rel: p for rel, p in _dir_files(local) if any(fnmatch.fnmatch(rel, pat) for pat in WAN_PATTERNS)}
+    if name == "recon":  # the checkpoint, and the config.json beside it (AnySplat post-processing reads it)
+        ckpt = find_checkpoint(local)
+        files = {ckpt.name: ckpt}
+        if (ckpt.parent / "config.json").is_file() and ckpt.name != "config.json":
+            files["config.json"] = ckpt.parent / "config.json"
+        return files
+    if name == "stitch":  # one .pth/.pt file, or the one inside a directory (as read_checkpoint_file finds it)
+        if local.is_dir():
+            candidates = sorted(local.glob("*.pth")) + sorted(local.glob("*.pt"))
+            return {p.name: p for p in candidates[:1]} if len(candidates) == 1 else {}
+        return {local.name: local}
+    if name == "lora":  # peft's adapter files
+        return {rel: p for rel, p in _dir_files(local) if fnmatch.fnmatch(p.name, _LORA_FILES)}
+    raise ValueError(f"unknown weights component {name!r}")
+
+
+def _dir_files(root: Path) -> list[tuple[str, Path]]:
+    """(relative posix name, path) of the files under `root`, our download bookkeeping left out."""
+    if root.is_file():
+        return [(root.name, root)]
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name not in (COMPLETE_NAME, MANIFEST_NAME) and not p.name.endswith((".partial", ".lock")):
+            out.append((p.relative_to(root).as_posix(), p))
+    return out
+
+
+def _hub_revision(path: Path) -> str | None:
+    """The commit of a Hugging Face cache snapshot a path lies in (.../models--owner--name/snapshots/<commit>/...)."""
+    parts = Path(path).parts
+    for i in range(1, len(parts) - 1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
+            return parts[i + 1]
+    return None
+
+
+def _release_by_repo(repo: str) -> Release | None:
+    return next((r for r in RELEASES.values() if r.repo == repo), None)
+
+
+def _component_licence(cfg: Config, comp: ComponentCheck) -> tuple[Release | None, str]:
+    """(the release the component is, where known; the terms of its weights)."""
+    from vist3a.weights.release import FORMAT_NAME
+
+    if classify(comp.spec) == "hub":
+        repo = hub_parts(comp.spec)[0]
+        release = _release_by_repo(repo)
+        if release is None:
+            return None, f"unknown: {repo} is not a release vist3a knows (see its model card)"
+        return release, release.licence
+    if comp.name == "video":  # a local or s3 copy: the release of that shape, as `vist3a weights check` assumes
+        release = _release_for_video(cfg)
+        if release is None:
+            return None, "unknown: not the shape of a known Wan release (check the terms of these weights)"
+        return release, release.licence
+    if comp.name == "recon":
+        release = _release_for_recon(cfg)
+        return release, release.licence
+    if comp.name == "stitch":
+        if any(FORMAT_NAME in line for line in comp.found):  # the release's file, told by its contents
+            return RELEASES["vist3a"], RELEASES["vist3a"].licence
+        return None, "own stitch checkpoint: bound by the terms of the video and reconstruction weights it was fitted to"
+    default = _preset_default(cfg.preset, comp.key)  # the LoRA: a copy of what the preset fetches, if it names a release
+    release = _release_by_repo(hub_parts(default)[0]) if default and classify(default) == "hub" else None
+    if release is not None:
+        return release, release.licence
+    return None, "own adapter: bound by the terms of the video weights it adapts"
