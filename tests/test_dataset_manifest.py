@@ -112,64 +112,81 @@ def _unique_in_manifest_dir(out):
     return set(ids)
 
 
-def test_consolidation_failing_at_any_step_loses_and_duplicates_nothing(tmp_path, monkeypatch):
-    """Stop consolidation at each of its writes and deletes in turn (as a kill would), then finish it."""
-    import shutil
+def _unique_in_buckets(out):
+    """The ids in manifest/ (bucket files read one by one, local or S3): asserts none is there twice."""
+    import io as _io
 
-    import fsspec
+    from vist3a.dataset import manifest_files
+    from vist3a.io import filesystem
 
+    fs, _ = filesystem(out)
+    ids = []
+    for p in manifest_files(out)["buckets"]:
+        with fs.open(p, "rb") as f:
+            ids += pq.read_table(_io.BytesIO(f.read())).column("id").to_pylist()
+    assert len(ids) == len(set(ids)), "manifest/ holds an id twice"
+    return set(ids)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_consolidation_failing_at_any_step_loses_and_duplicates_nothing(tmp_path, monkeypatch, where, request):
+    """Stop consolidation at each of its writes and deletes in turn (as a kill would), then finish it; on
+    local disk and on S3 (moto server)."""
     import vist3a.dataset as dataset
+    from vist3a.dataset import manifest_files
+    from vist3a.io import filesystem
 
-    seed = str(tmp_path / "seed")
-    _commit_log(seed)
-    consolidate_manifest(seed)  # an earlier consolidation: buckets exist, so rewrites merge old rows too
-    _commit_log(seed, parts=5, rows=7)
-    want = read_manifest(seed).to_pylist()
-    steps = 0
-    real_write, real_rm = dataset.write_bytes, type(fsspec.filesystem("file")).rm_file
+    base = str(tmp_path) if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}"
+
+    small = where == "s3"  # every S3 step is a request: fewer of them
+
+    def make_state(out):  # an earlier consolidation (buckets exist: rewrites merge old rows too), then more parts
+        _commit_log(out, parts=3 if small else 6, rows=5 if small else 9)
+        consolidate_manifest(out)
+        _commit_log(out, parts=2 if small else 4, rows=4 if small else 7)
+
+    fs = filesystem(base)[0]  # the (cached) instance consolidation uses; s3fs makes rm_file per instance
+    real_write, real_rm = dataset.write_bytes, fs.rm_file
+    steps, limit = 0, 10**9
 
     class Killed(Exception):
         pass
 
-    def counting(limit):
-        def write(*a, **k):
-            nonlocal steps
-            steps += 1
-            if steps > limit:
-                raise Killed
-            return real_write(*a, **k)
+    def step():
+        nonlocal steps
+        steps += 1
+        if steps > limit:
+            raise Killed
 
-        def rm(self, *a, **k):
-            nonlocal steps
-            steps += 1
-            if steps > limit:
-                raise Killed
-            return real_rm(self, *a, **k)
-        return write, rm
+    monkeypatch.setattr(dataset, "write_bytes", lambda *a, **k: (step(), real_write(*a, **k))[1])
+    def rm(*a, **k):
+        step()
+        return real_rm(*a, **k)
 
-    write, rm = counting(10**9)
-    monkeypatch.setattr(dataset, "write_bytes", write)
-    monkeypatch.setattr(type(fsspec.filesystem("file")), "rm_file", rm)
-    shutil.copytree(seed, tmp_path / "count")
-    consolidate_manifest(str(tmp_path / "count"))
+    monkeypatch.setattr(fs, "rm_file", rm)
+    assert filesystem(f"{base}/x")[0] is fs
+    make_state(f"{base}/count")
+    def rows(out):  # the manifest's rows, less finished_at (each make_state writes its own timestamps)
+        return [{k: v for k, v in r.items() if k != "finished_at"} for r in read_manifest(out).to_pylist()]
+
+    want = rows(f"{base}/count")
+    steps = 0
+    consolidate_manifest(f"{base}/count")
     total = steps
-    assert total > 10  # every step below is a real place to stop
-    for limit in range(total):
-        out = str(tmp_path / f"stop{limit}")
-        shutil.copytree(seed, out)
-        steps = 0
-        write, rm = counting(limit)
-        monkeypatch.setattr(dataset, "write_bytes", write)
-        monkeypatch.setattr(type(fsspec.filesystem("file")), "rm_file", rm)
+    assert total >= 7  # every step below is a real place to stop (bucket writes, then deletes)
+    for stop in range(total):
+        out = f"{base}/stop{stop}"
+        limit = 10**9
+        make_state(out)
+        steps, limit = 0, stop
         with pytest.raises(Killed):
             consolidate_manifest(out)
-        monkeypatch.setattr(dataset, "write_bytes", real_write)
-        monkeypatch.setattr(type(fsspec.filesystem("file")), "rm_file", real_rm)
-        assert read_manifest(out).to_pylist() == want, f"stopped after {limit} steps"
-        _unique_in_manifest_dir(out)
+        limit = 10**9
+        assert rows(out) == want, f"stopped after {stop} steps"
+        _unique_in_buckets(out)
         consolidate_manifest(out)
-        assert read_manifest(out).to_pylist() == want and _unique_in_manifest_dir(out) == {r["id"] for r in want}
-        assert not list((tmp_path / f"stop{limit}" / "commits").glob("*.parquet"))
+        assert rows(out) == want and _unique_in_buckets(out) == {r["id"] for r in want}
+        assert not manifest_files(out)["commits"]
 
 
 def test_consolidation_sigkilled_midway_loses_and_duplicates_nothing(tmp_path):
@@ -183,7 +200,7 @@ def test_consolidation_sigkilled_midway_loses_and_duplicates_nothing(tmp_path):
     from pathlib import Path
 
     out = str(tmp_path / "ds")
-    _commit_log(out, parts=600, rows=20)
+    _commit_log(out, parts=400, rows=20)
     want = read_manifest(out).to_pylist()
     commits, buckets = Path(out) / "commits", Path(out) / "manifest"
     n_parts = len(list(commits.glob("*.parquet")))
