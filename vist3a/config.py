@@ -241,6 +241,43 @@ class RuntimeConfig(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     torch_threads: int | None = Field(None, ge=1)
     renderer: Literal["auto", "torch", "gsplat"] = "auto"
+    # Throughput levers of the video model (vist3a.video.levers). The defaults are the safe choice;
+    # benchmarks/gpu_throughput.py measures each on/off on a GPU and is what decides a deployment's values.
+    vae_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the Wan VAE (decoding latents to the frames the Gaussian head sees); "
+                               "bfloat16 halves its time and memory (benchmarks/gpu_throughput.py reports its "
+                               "deviation from float32 on the same latents)")
+    attention: Literal["sdpa", "flash", "cudnn", "efficient", "math"] = Field(
+        "sdpa", description="attention kernel of the Wan transformer: sdpa lets PyTorch choose; flash, cudnn, "
+                            "efficient, math force that scaled_dot_product_attention backend (flash, cudnn: "
+                            "bfloat16/float16 only). flash/cudnn/efficient need CUDA: elsewhere sdpa is used, with "
+                            "a logged note")
+    compile: bool = Field(False, description="torch.compile each Wan transformer block (generation only: the bulk "
+                                             "job, Serve, vist3a generate). The first call at each batch size "
+                                             "compiles (tens of seconds on a GPU; the benchmark reports it)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode when runtime.compile is on")
+    text_encoder: Literal["device", "offload", "cpu"] = Field(
+        "device", description="where the text encoder (UMT5-xxl: 11 GiB in bfloat16) lives: device (on runtime.device "
+                              "throughout), offload (in pinned CPU memory, copied to the device only while encoding; "
+                              "its memory then serves larger batches), cpu (encodes on the CPU)")
+    cfg_batch: bool = Field(True, description="classifier-free guidance's two passes (prompt, negative prompt) in one "
+                                              "transformer batch; False: two calls a step (less peak memory)")
+    step_cache: Literal["off", "first_block"] = Field(
+        "off", description="opt-in step caching (diffusers' First Block Cache, generation only): a step whose first "
+                           "block's output barely changed reuses the other blocks' cached residual. Changes the "
+                           "scenes (the benchmark reports the latent deviation) and decides per batch, so batched "
+                           "and one-by-one generation may differ")
+    step_cache_threshold: float = Field(0.05, gt=0.0, lt=1.0, description="First Block Cache threshold: relative "
+                                                                         "change of the first block's residual under "
+                                                                         "which a step is skipped")
+
+    @model_validator(mode="after")
+    def _attention_dtype(self) -> "RuntimeConfig":
+        if self.attention in ("flash", "cudnn") and self.dtype == "float32":
+            raise ValueError(f"runtime.attention {self.attention!r} needs runtime.dtype bfloat16 or float16, "
+                             f"got runtime.dtype {self.dtype!r} (use attention sdpa or efficient for float32)")
+        return self
 
 
 class StorageConfig(Strict):

@@ -77,7 +77,9 @@ class Scene:
 class SceneGenerator:
     """Loads the video model, the reconstruction network and the stitching layer once; generates batches."""
 
-    def __init__(self, cfg: Config | None = None):
+    def __init__(self, cfg: Config | None = None, *, video=None, decoder=None):
+        """`video` (a WanVideo) and `decoder` (a StitchedDecoder): models built elsewhere, used instead of
+        building them from cfg (benchmarks at the real size, with random weights drawn on the GPU)."""
         self.cfg = cfg or load_config()
         if self.cfg.runtime.torch_threads:
             torch.set_num_threads(self.cfg.runtime.torch_threads)
@@ -85,8 +87,10 @@ class SceneGenerator:
         self.dtype = getattr(torch, self.cfg.runtime.dtype)
         t0 = time.perf_counter()
         local_cfg = self.fetch_and_verify_weights(self.cfg)
-        self.video = build_video(local_cfg, self.device, self.dtype)
-        self.decoder = build_stitched_decoder(local_cfg, self.video.vae, self.device, decode_frames=self.video.decode)
+        # runtime.* levers (vist3a.video.levers) included: compile and step cache apply to generation only
+        self.video = video if video is not None else build_video(local_cfg, self.device, self.dtype, generation=True)
+        self.decoder = decoder if decoder is not None else build_stitched_decoder(
+            local_cfg, self.video.vae, self.device, decode_frames=self.video.decode)
         if self.cfg.sampling.negative_prompt and (why := self.video.check_prompt(self.cfg.sampling.negative_prompt)):
             raise ValueError(f"sampling.negative_prompt: {why.replace('prompt', 'negative prompt', 1)}")
         self.scorer = (SceneScorer(self.cfg.generate.scores, self.cfg.evaluate.scorers, self.cfg.storage, self.device,

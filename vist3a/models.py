@@ -6,6 +6,7 @@ alignment) and the tests build exactly the same thing from the same YAML.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -22,22 +23,36 @@ if TYPE_CHECKING:  # vist3a.video imports diffusers: only when a video model is 
     from vist3a.video import WanVideo
 
 
-def build_video(cfg: Config, device: torch.device, dtype: torch.dtype) -> WanVideo:
+def build_video(cfg: Config, device: torch.device, dtype: torch.dtype, *, generation: bool = False,
+                init_device: torch.device | str | None = None) -> WanVideo:
     """The Wan components with, when model.video.lora names one, the aligned LoRA (pipelines.align)
-    merged in: generation runs at base cost."""
+    merged in: generation runs at base cost. The runtime levers (vist3a.video.levers) are applied:
+    runtime.vae_dtype, attention, text_encoder and cfg_batch always; runtime.compile and step_cache only
+    with `generation` (the generator; not alignment, which trains adapters on the transformer).
+    `init_device`: random weights drawn there (build_wan; benchmarks at the real size)."""
     from vist3a.lora import load_video_lora
     from vist3a.video import WanVideo, build_wan
+    from vist3a.video.levers import compile_blocks, enable_step_cache, set_attention
 
-    components = build_wan(cfg.model.video, device=device, dtype=dtype)
+    rt = cfg.runtime
+    components = build_wan(cfg.model.video, device=device, dtype=dtype, vae_dtype=getattr(torch, rt.vae_dtype),
+                           text_encoder_device=device if rt.text_encoder == "device" else "cpu", init_device=init_device)
     if cfg.model.video.lora:
         load_video_lora(components.transformer, cfg.model.video.lora, cfg.storage)
-    return WanVideo(components)
+    set_attention(components.transformer, rt.attention, device)
+    if generation and rt.step_cache == "first_block":
+        enable_step_cache(components.transformer, rt.step_cache_threshold)
+    if generation and rt.compile:  # the cache's hooks break the graph: no fullgraph with them
+        compile_blocks(components.transformer, rt.compile_mode, fullgraph=rt.step_cache == "off")
+    return WanVideo(components, cfg_batch=rt.cfg_batch, text_encoder=rt.text_encoder)
 
 
-def build_recon(cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32) -> ReconNet:
-    """The reconstruction network: seeded random weights (ReconNet draws them from model.recon.seed), or
-    (source: pretrained) a released VGGT-1B / AnySplat checkpoint converted strictly onto our module (a
-    mismatch raises CheckpointMismatchError carrying the full key report)."""
+def build_recon(cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32, *,
+                init_device: torch.device | str | None = None) -> ReconNet:
+    """The reconstruction network: seeded random weights (ReconNet draws them from model.recon.seed; on
+    `init_device` when given, e.g. the GPU for a benchmark at the real size), or (source: pretrained) a
+    released VGGT-1B / AnySplat checkpoint converted strictly onto our module (a mismatch raises
+    CheckpointMismatchError carrying the full key report)."""
     rc = cfg.model.recon
     if rc.source == "pretrained":
         from vist3a.weights import load_pretrained_recon
@@ -47,7 +62,9 @@ def build_recon(cfg: Config, device: torch.device, dtype: torch.dtype = torch.fl
         path = require(rc.weights, cfg.storage, what="model.recon.weights", allow_patterns=RECON_PATTERNS)
         net, _ = load_pretrained_recon(rc, path, device=device, dtype=dtype)
     else:
-        net = ReconNet(rc).to(device).eval()
+        with torch.device(init_device) if init_device is not None else nullcontext():
+            net = ReconNet(rc)
+        net = net.to(device).eval()
     return net.cast_trunk(torch.bfloat16) if rc.dtype == "bfloat16" else net
 
 
@@ -77,18 +94,19 @@ def anysplat_postprocess(cfg: Config) -> AnySplatPostprocess | None:
 
 def build_stitched_decoder(cfg: Config, vae: nn.Module, device: torch.device | str, *,
                            decode_frames: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                           recon: nn.Module | None = None, load_weights: bool = True) -> StitchedDecoder:
+                           recon: nn.Module | None = None, load_weights: bool = True,
+                           init_device: torch.device | str | None = None) -> StitchedDecoder:
     """The stitched decoder for generation, stitching and alignment alike: the network of model.recon
     (or `recon`, e.g. one trained in-process), the stitching layer drawn from model.stitch.seed and,
     with `load_weights`, model.stitch.weights loaded into it. Stitched fine-tuning passes
     load_weights=False: it starts from the random layer or its own stitch_job.init.
 
     `vae` gives the latent statistics; `decode_frames` (normalised latents -> RGB frames, e.g.
-    `WanVideo.decode`) feeds the Gaussian head when no frames are given."""
+    `WanVideo.decode`) feeds the Gaussian head when no frames are given. `init_device`: see build_recon."""
     from vist3a.video.latents import latent_stats
 
     sc = cfg.model.stitch
-    recon = build_recon(cfg, device) if recon is None else recon.to(device)
+    recon = build_recon(cfg, device, init_device=init_device) if recon is None else recon.to(device)
     with seeded(sc.seed):
         stitch = StitchingLayer(sc.spec, in_channels=cfg.model.video.vae.z_dim)
     mean, std = latent_stats(vae)

@@ -1,4 +1,5 @@
-"""The Wan text-to-video side: components, the latent convention, prompts, and `WanVideo` (sample, decode).
+"""The Wan text-to-video side: components, the latent convention, prompts, `WanVideo` (sample, decode) and the
+throughput levers the runtime.* keys set (`levers`).
 
 Imports are lazy: prompt checks (`load_tokenizer`, `check_prompt`) need only transformers, and
 validation stages should not pay for importing diffusers.
@@ -7,6 +8,7 @@ validation stages should not pay for importing diffusers.
 _EXPORTS = {
     "vist3a.video.components": ["WanComponents", "build_wan", "save_wan", "decode_latents", "encode_frames"],
     "vist3a.video.latents": ["denormalize", "denormalize_latents", "latent_stats", "normalize_latents"],
+    "vist3a.video.levers": ["compile_blocks", "enable_step_cache", "set_attention"],
     "vist3a.video.pipeline": ["WanVideo", "encode_prompts", "initial_noise", "latent_shape", "make_scheduler"],
     "vist3a.video.text": ["check_prompt", "clean_prompt", "count_tokens", "load_tokenizer", "video_weights_root"],
 }

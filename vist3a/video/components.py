@@ -5,8 +5,10 @@ weights or loaded from a diffusers-format directory, and the VAE's encode/decode
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import diffusers
 import torch
@@ -49,20 +51,36 @@ def _random_text_encoder(cfg: VideoModelConfig) -> UMT5EncoderModel:
     return UMT5EncoderModel(conf)
 
 
-def _random_components(cfg: VideoModelConfig) -> WanComponents:
+@contextmanager
+def _drawn_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Modules built inside are created on `device` with floating tensors in `dtype`; the device's RNG
+    (which `seeded`'s torch.manual_seed also seeds) is given back as it was."""
+    old = torch.get_default_dtype()
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), device:
+        torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(old)
+
+
+def _random_components(cfg: VideoModelConfig, init_device: torch.device | None = None,
+                       init_dtype: torch.dtype = torch.float32) -> WanComponents:
     tokenizer = load_tokenizer(cfg)
     if len(tokenizer) > cfg.text_encoder.vocab_size:
         raise ValueError(f"model.video.text_encoder.vocab_size {cfg.text_encoder.vocab_size} is below the "
                          f"ByT5 tokenizer's {len(tokenizer)} ids")
     # One seed per part, so that resizing one part leaves the others' weights unchanged.
-    with seeded(cfg.seed):
-        text_encoder = _random_text_encoder(cfg)
-    with seeded(cfg.seed + 1):
-        transformer = WanTransformer3DModel(**cfg.transformer.model_dump())
-    with seeded(cfg.seed + 2):
-        v = cfg.vae
-        vae = AutoencoderKLWan(base_dim=v.base_dim, z_dim=v.z_dim, dim_mult=list(v.dim_mult),
-                               num_res_blocks=v.num_res_blocks, temperal_downsample=list(v.temperal_downsample))
+    with _drawn_on(init_device, init_dtype) if init_device is not None else nullcontext():
+        with seeded(cfg.seed):
+            text_encoder = _random_text_encoder(cfg)
+        with seeded(cfg.seed + 1):
+            transformer = WanTransformer3DModel(**cfg.transformer.model_dump())
+        with seeded(cfg.seed + 2):
+            v = cfg.vae
+            vae = AutoencoderKLWan(base_dim=v.base_dim, z_dim=v.z_dim, dim_mult=list(v.dim_mult),
+                                   num_res_blocks=v.num_res_blocks, temperal_downsample=list(v.temperal_downsample))
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=DEFAULT_FLOW_SHIFT)
     return WanComponents(tokenizer, text_encoder, transformer, vae, scheduler, cfg.text_encoder.max_length)
@@ -84,23 +102,27 @@ def _pretrained_components(cfg: VideoModelConfig, dtype: torch.dtype, vae_dtype:
 
 
 def build_wan(cfg: VideoModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-              vae_dtype: torch.dtype | None = torch.float32) -> WanComponents:
+              vae_dtype: torch.dtype | None = torch.float32, *, text_encoder_device: str | torch.device | None = None,
+              init_device: str | torch.device | None = None) -> WanComponents:
     """Text encoder + transformer + VAE + scheduler, in eval mode on `device`.
 
     Random weights are drawn in float32 on the CPU and then moved, so they are the same on every
-    device and across calls. The VAE stays float32 by default (as Wan's own examples run it);
-    `vae_dtype=None` uses `dtype`. Text encoder and VAE are frozen; the transformer's
-    requires_grad flags are left to the trainer. `cfg.lora` is not applied here.
+    device and across calls. `init_device` (random weights only) draws them there instead, directly in
+    `dtype`: fast at the real size (benchmarks), not the same numbers as the CPU draw. The VAE stays
+    float32 by default (as Wan's own examples run it); `vae_dtype=None` uses `dtype`. The text encoder
+    goes to `text_encoder_device` (default `device`; `cpu` for runtime.text_encoder offload/cpu). Text encoder and
+    VAE are frozen; the transformer's requires_grad flags are left to the trainer. `cfg.lora` is not
+    applied here.
     """
     vae_dtype = dtype if vae_dtype is None else vae_dtype
     if cfg.source == "random":
-        comps = _random_components(cfg)
+        comps = _random_components(cfg, None if init_device is None else torch.device(init_device), dtype)
         _cast_like_from_pretrained(comps.text_encoder, dtype)
         _cast_like_from_pretrained(comps.transformer, dtype)
         _cast_like_from_pretrained(comps.vae, vae_dtype)
     else:
         comps = _pretrained_components(cfg, dtype, vae_dtype)
-    comps.text_encoder.to(device).eval().requires_grad_(False)
+    comps.text_encoder.to(device if text_encoder_device is None else text_encoder_device).eval().requires_grad_(False)
     comps.transformer.to(device).eval()
     comps.vae.to(device).eval().requires_grad_(False)
     return comps
@@ -123,6 +145,45 @@ def save_wan(components: WanComponents, directory: str | Path) -> Path:
                        scheduler=components.scheduler, transformer=components.transformer)
     pipe.save_pretrained(directory)
     return directory
+
+
+@contextmanager
+def module_on(module: torch.nn.Module, device: torch.device | str) -> Iterator[torch.nn.Module]:
+    """A frozen module that lives in CPU memory, on `device` inside the block: each tensor is copied there
+    (asynchronously from pinned memory) in place of the module's own, which is put back on exit; nothing
+    is copied back (runtime.text_encoder: offload). Tied tensors stay tied."""
+    device = torch.device(device)
+    first = next(iter((*module.parameters(), *module.buffers())), None)
+    if first is None or first.device == device:
+        yield module
+        return
+    copies: dict[int, torch.Tensor] = {}
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    try:
+        for sub in module.modules():
+            for table in (sub._parameters, sub._buffers):
+                for name, t in list(table.items()):
+                    if t is None:
+                        continue
+                    if id(t) not in copies:
+                        moved = t.detach().to(device, non_blocking=True)
+                        copies[id(t)] = (torch.nn.Parameter(moved, requires_grad=t.requires_grad)
+                                         if isinstance(t, torch.nn.Parameter) else moved)
+                    swapped.append((table, name, t))
+                    table[name] = copies[id(t)]
+        yield module
+    finally:
+        for table, name, t in reversed(swapped):
+            table[name] = t
+
+
+def pin_module(module: torch.nn.Module) -> torch.nn.Module:
+    """Its CPU tensors in page-locked memory (fast, asynchronous copies to CUDA); a no-op without CUDA."""
+    if torch.cuda.is_available():
+        for t in (*module.parameters(), *module.buffers()):
+            if t.device.type == "cpu" and not t.is_pinned():
+                t.data = t.data.pin_memory()
+    return module
 
 
 # ----------------------------------------------------------------------------- latents

@@ -5,16 +5,19 @@ fine-tuning of the transformer)."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Iterable, Literal
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from vist3a.video.components import WanComponents, decode_latents
+from vist3a.video.components import WanComponents, decode_latents, module_on, pin_module
+from vist3a.video.levers import step_cache_on
 from vist3a.video.text import check_prompt, clean_prompt
 
 SchedulerKind = Literal["unipc", "euler"]
+TextEncoderPlacement = Literal["device", "offload", "cpu"]
 
 
 def latent_shape(components: WanComponents, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -80,7 +83,8 @@ def encode_prompts(components: WanComponents, prompts: list[str], max_length: in
     hidden = te(input_ids=ids, attention_mask=mask).last_hidden_state
     mask = mask.bool()
     hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
-    return hidden.to(components.transformer.dtype), mask
+    device = components.transformer.device  # the encoder may run elsewhere (runtime.text_encoder: cpu)
+    return hidden.to(device=device, dtype=components.transformer.dtype), mask.to(device)
 
 
 class WanVideo:
@@ -89,14 +93,38 @@ class WanVideo:
     [B,16,T',H/8,W/8], decode them to frames. `vist3a.models.build_video` builds one from a Config.
 
     `gradient_checkpointing` switches it on in the transformer; it only acts where grad is enabled,
-    i.e. at the grad steps."""
+    i.e. at the grad steps. `cfg_batch` runs classifier-free guidance's two passes in one transformer
+    batch (False: two calls a step). `text_encoder` is where the text encoder lives (runtime.text_encoder):
+    `device` (the transformer's), `offload` (pinned CPU memory, on the device only while encoding) or `cpu`
+    (encodes there; the embeddings are moved to the transformer)."""
 
     def __init__(self, components: WanComponents, scheduler: SchedulerKind = "unipc",
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, *, cfg_batch: bool = True,
+                 text_encoder: TextEncoderPlacement = "device"):
         self.components = components
         self.scheduler_kind = scheduler
+        self.cfg_batch = cfg_batch
+        self.text_encoder_placement: TextEncoderPlacement = "device"
+        self.place_text_encoder(text_encoder)
         if gradient_checkpointing:
             components.transformer.enable_gradient_checkpointing()
+
+    def place_text_encoder(self, placement: TextEncoderPlacement) -> None:
+        """Move the text encoder to where `placement` keeps it (see the class)."""
+        if placement not in ("device", "offload", "cpu"):
+            raise ValueError(f"runtime.text_encoder {placement!r}: choose device, offload or cpu")
+        te = self.components.text_encoder
+        if te is not None:
+            te.to(self.transformer.device if placement == "device" else "cpu")
+            if placement == "offload":
+                pin_module(te)
+        self.text_encoder_placement = placement
+
+    def _text_encoder_ready(self):
+        """The text encoder where it encodes: the device for `offload` (copied there for the block)."""
+        if self.text_encoder_placement == "offload":
+            return module_on(self.components.text_encoder, self.transformer.device)
+        return nullcontext(self.components.text_encoder)
 
     @property
     def vae(self):
@@ -113,13 +141,14 @@ class WanVideo:
     def encode_prompt(self, prompts: list[str], negative_prompts: list[str] | None = None) -> torch.Tensor:
         """The transformer's context [B,L,D]; with negative prompts (CFG) theirs follow: [2B,L,D]."""
         c = self.components
-        context, _ = encode_prompts(c, prompts)
-        if negative_prompts is None:
-            return context
-        if len(set(negative_prompts)) == 1:  # the usual case: one negative prompt, encoded once
-            neg = encode_prompts(c, negative_prompts[:1])[0].expand(len(prompts), -1, -1)
-        else:
-            neg = encode_prompts(c, negative_prompts)[0]
+        with self._text_encoder_ready():
+            context, _ = encode_prompts(c, prompts)
+            if negative_prompts is None:
+                return context
+            if len(set(negative_prompts)) == 1:  # the usual case: one negative prompt, encoded once
+                neg = encode_prompts(c, negative_prompts[:1])[0].expand(len(prompts), -1, -1)
+            else:
+                neg = encode_prompts(c, negative_prompts)[0]
         return torch.cat([context, neg])
 
     def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float, shift: float,
@@ -159,18 +188,34 @@ class WanVideo:
         x = (initial_noise(shape, seeds) if latents is None else latents).to(device=device, dtype=torch.float32)
 
         # 5. denoising loop
-        with torch.set_grad_enabled(bool(grad_set)):
-            for i, t in enumerate(scheduler.timesteps):
-                with torch.set_grad_enabled(i in grad_set):
-                    inp = x.detach().to(tdtype)
-                    if use_cfg:
-                        inp = torch.cat([inp, inp])
-                    pred = c.transformer(hidden_states=inp, timestep=t.expand(inp.shape[0]),
-                                         encoder_hidden_states=context, return_dict=False)[0].float()
-                    if use_cfg:
-                        cond, uncond = pred.chunk(2)
-                        pred = uncond + guidance * (cond - uncond)
-                x = scheduler.step(pred, t, x, return_dict=False)[0]
+        cached = step_cache_on(c.transformer)
+        if cached:  # First Block Cache (runtime.step_cache): its state is per sampling run
+            c.transformer._reset_stateful_cache()
+
+        def predict(inp: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, name: str) -> torch.Tensor:
+            with c.transformer.cache_context(name) if cached else nullcontext():
+                return c.transformer(hidden_states=inp, timestep=t.expand(inp.shape[0]),
+                                     encoder_hidden_states=ctx, return_dict=False)[0].float()
+
+        n = len(prompts)
+        try:
+            with torch.set_grad_enabled(bool(grad_set)):
+                for i, t in enumerate(scheduler.timesteps):
+                    with torch.set_grad_enabled(i in grad_set):
+                        inp = x.detach().to(tdtype)
+                        if not use_cfg:
+                            pred = predict(inp, t, context, "cond")
+                        elif self.cfg_batch:  # prompt and negative prompt in one transformer batch
+                            cond, uncond = predict(torch.cat([inp, inp]), t, context, "cfg").chunk(2)
+                            pred = uncond + guidance * (cond - uncond)
+                        else:
+                            cond = predict(inp, t, context[:n], "cond")
+                            uncond = predict(inp, t, context[n:], "uncond")
+                            pred = uncond + guidance * (cond - uncond)
+                    x = scheduler.step(pred, t, x, return_dict=False)[0]
+        finally:
+            if cached:
+                c.transformer._reset_stateful_cache()
         return x
 
     def decode(self, latents: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
