@@ -75,15 +75,18 @@ class IdLedger:
     def __init__(self, shard: int, shards: int, skip: pa.Array):
         self.ledger = PromptLedger(i for i in skip.to_pylist() if ledger_shard(i, shards) == shard)
         self.reasons: collections.Counter[str] = collections.Counter()
+        self.parts = 0
 
     def admit(self, rows: list[dict]) -> list[dict | None]:
         return [self.ledger.admit(r) for r in rows]
 
     def add_failures(self, reasons: dict[str, int]) -> None:
+        """A validator committed one part of refused rows, for these reasons."""
         self.reasons.update(reasons)
+        self.parts += 1
 
     def counts(self) -> dict:
-        return {"stats": dict(self.ledger.stats), "reasons": dict(self.reasons)}
+        return {"stats": dict(self.ledger.stats), "reasons": dict(self.reasons), "parts": self.parts}
 
 
 def failed_manifest_row(row: dict, preset: str) -> dict:
@@ -234,7 +237,8 @@ class Progress:
     def __init__(self, total: int | None, every_s: float, bar: bool | None = None):
         self.total, self.every_s = total, every_s
         self.done = self.failed = 0
-        self.refused = 0                      # failed at validation (counted by the ledger)
+        self.blocks = 0                       # generator tasks committed (one manifest part each)
+        self.refused = self.refused_parts = 0  # failed at validation, and their parts (counted by the ledger)
         self.skipped = 0                      # duplicates and ids recorded by an earlier run
         self.reasons: collections.Counter[str] = collections.Counter()
         self.t0 = self.last = time.perf_counter()
@@ -245,6 +249,7 @@ class Progress:
             self.bar = tqdm(total=total, unit="row", desc="generate", dynamic_ncols=True, smoothing=0.05)
 
     def update(self, batch: pa.Table) -> None:
+        self.blocks += 1
         for status, err in zip(batch.column("status").to_pylist(), batch.column("error").to_pylist()):
             if status == "done":
                 self.done += 1
@@ -255,7 +260,7 @@ class Progress:
 
     def ledger(self, counts: dict) -> None:
         """The ledger's view of the rows that never reach the generator: refused, duplicates, recorded."""
-        self.refused = counts["refused"]
+        self.refused, self.refused_parts = counts["refused"], counts["refused_parts"]
         self.skipped = counts["duplicates"] + counts["recorded"]
         self.ledger_reasons = counts["reasons"]
         self.tick()
@@ -294,10 +299,19 @@ def ledger_counts(ledgers: list) -> dict:
         stats.update(p["stats"])
         reasons.update(p["reasons"])
     return {"rows": stats["rows"], "duplicates": stats["duplicates"], "conflicts": stats["conflicts"],
-            "recorded": stats["recorded"], "refused": stats["invalid"], "reasons": dict(reasons)}
+            "recorded": stats["recorded"], "refused": stats["invalid"], "reasons": dict(reasons),
+            "refused_parts": sum(p["parts"] for p in parts)}
 
 
-def build_dataset(cfg: Config, chunks: list[dict], ledgers: list):
+def task_rows(job, total: int | None) -> int:
+    """Rows per generator task: commit_scenes, but small enough that a small set still gives every actor
+    >= 4 tasks (one task a set would leave all actors but one idle), and >= one full batch."""
+    if not total:
+        return job.commit_scenes
+    return max(job.batch_size, min(job.commit_scenes, -(-total // (4 * job.actors))))
+
+
+def build_dataset(cfg: Config, chunks: list[dict], ledgers: list, total: int | None = None):
     """The streaming plan: read (CPU) -> validate + ledger (CPU actors) -> generate (GPU actors) -> write (CPU)."""
     job = cfg.generate
     cfg_dict = cfg.model_dump(mode="json")
@@ -314,7 +328,7 @@ def build_dataset(cfg: Config, chunks: list[dict], ledgers: list):
                         compute=ActorPoolStrategy(size=job.validators), num_cpus=job.cpu_stage_cpus,
                         batch_size=job.block_rows, batch_format="pyarrow")
     # A generator task is the unit of commit: <= commit_scenes rows (streaming; small blocks are combined).
-    ds = ds.repartition(target_num_rows_per_block=job.commit_scenes)
+    ds = ds.repartition(target_num_rows_per_block=task_rows(job, total))
     ds = ds.map_batches(GenerateScenes, fn_constructor_kwargs={"cfg_dict": cfg_dict},
                         compute=ActorPoolStrategy(size=job.actors), num_gpus=job.gpus_per_actor or None,
                         num_cpus=job.cpus_per_actor, batch_size=None, batch_format="pyarrow")
@@ -332,29 +346,33 @@ def run(cfg: Config, progress_bar: bool | None = None) -> dict:
     ensure_writable(job.output, cfg.storage)
     SceneGenerator.fetch_and_verify_weights(cfg)  # missing weights fail here, before Ray or any GPU starts
     chunks = plan_chunks(job.input, cfg.storage, chunk_bytes=int(job.read_chunk_mb * (1 << 20)))
-    # an earlier run's commit log, folded in: its recorded ids then come from a few large files
-    folded = consolidate_manifest(job.output, cfg.storage)
+    # the ids earlier runs recorded: two columns of the buckets and of any parts a killed run left (those
+    # are folded in at this run's end), read in parallel
     skip = recorded_id_array(job.output, cfg.storage, include_failed=not job.retry_failed)
     bookkeeping_s = time.perf_counter() - t0
     init_ray(cfg)
     chunks, total = count_lines(chunks, cfg.storage, job.cpu_stage_cpus)
     files = len({c["file"] for c in chunks})
-    print(f"[generate] ≈{total} rows in {files} file(s) ({len(chunks)} read units); {folded['rows']} ids recorded "
-          f"by earlier runs ({len(skip)} skipped when seen) -> {job.output}", flush=True)
+    print(f"[generate] ≈{total} rows in {files} file(s) ({len(chunks)} read units); {len(skip)} ids recorded "
+          f"by earlier runs are skipped when seen (read in {bookkeeping_s:.1f}s) -> {job.output}", flush=True)
     skip_ref = ray.put(skip)
     ledgers = [IdLedger.remote(k, job.validators, skip_ref) for k in range(job.validators)]
     progress = Progress(min(total, job.limit) if job.limit else total, job.progress_every_s, progress_bar)
     last_consolidated = last_polled = time.perf_counter()
+    parts_at_last = 0  # commit parts this run wrote up to the last consolidation
     try:
-        for batch in build_dataset(cfg, chunks, ledgers).iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in build_dataset(cfg, chunks, ledgers, progress.total).iter_batches(batch_size=None,
+                                                                                     batch_format="pyarrow"):
             progress.update(batch)
             now = time.perf_counter()
             if now - last_polled >= min(job.progress_every_s, 5.0):
                 progress.ledger(ledger_counts(ledgers))
                 last_polled = now
-            if now - last_consolidated >= job.consolidate_every_s:
+            # a bounded commit log keeps a resume after a kill cheap (it reads every unfolded part)
+            parts = progress.blocks + progress.refused_parts
+            if now - last_consolidated >= job.consolidate_every_s or parts - parts_at_last >= job.consolidate_every_parts:
                 consolidate_manifest(job.output, cfg.storage)  # parts committed meanwhile wait for the next time
-                last_consolidated = time.perf_counter()
+                last_consolidated, parts_at_last = time.perf_counter(), parts
         counts = ledger_counts(ledgers)
         progress.ledger(counts)
     finally:

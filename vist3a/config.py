@@ -342,7 +342,10 @@ class GenerateJobConfig(Strict):
         "scenes per generator task and per manifest commit: a killed actor loses at most this many scenes' work; "
         "larger means fewer commit files (a multiple of batch_size keeps batches full)"))
     consolidate_every_s: float = Field(900.0, gt=0.0, description=(
-        "fold the commit parts into the manifest's bucket files this often during a run (and always at its start and end)"))
+        "fold the commit parts into the manifest's bucket files this often during a run (and always at its end)"))
+    consolidate_every_parts: int = Field(1000, ge=1, description=(
+        "... and whenever this run has committed this many parts since: a resume after a kill reads every part "
+        "not yet folded, so this bounds its cost"))
     retry_failed: bool = Field(False, description="regenerate ids recorded as failed by an earlier run")
     progress_every_s: float = Field(10.0, gt=0.0)
     scores: list[str] = Field(default_factory=list, description=(

@@ -267,40 +267,53 @@ def recorded_ids(output: str, storage=None, include_failed: bool = True) -> set[
     return set(recorded_id_array(output, storage, include_failed).to_pylist())
 
 
-def consolidate_manifest(output: str, storage=None) -> dict:
-    """Fold the commit parts (and older layouts) into the 16 bucket files, safely at any kill: each bucket
-    that gains rows is rewritten whole (old rows + new, one row per id) in one atomic write, and the
-    folded parts are deleted only once every bucket is written. Parts committed meanwhile (a run still
-    writing) are left for the next time. Returns counts: parts folded, rows in, buckets written, rows."""
-    import pyarrow.compute as pc
+FOLD_PARTS = 2000  # commit parts folded per round: bounds the memory of a consolidation
 
+
+def consolidate_manifest(output: str, storage=None, parts_per_round: int = FOLD_PARTS) -> dict:
+    """Fold the commit parts (and older layouts) into the 16 bucket files, safely at any kill: in rounds of
+    `parts_per_round` parts, each bucket that gains rows is rewritten whole (old rows + new, one row per
+    id) in one atomic write, and a round's parts are deleted only once every bucket is written. Parts
+    committed meanwhile (a run still writing) are left for the next time. Returns counts: parts folded,
+    rows in, bucket writes, rows in the buckets."""
     files = manifest_files(output, storage)
     folded = files["commits"] + files["legacy"]
     stats = {"parts_folded": len(folded), "rows_in": 0, "buckets_written": 0, "rows": 0}
-    if not folded:
-        stats["rows"] = _count_rows(output, files["buckets"], storage)
-        return stats
-    new = _read_tables(output, folded, storage)
-    stats["rows_in"] = new.num_rows
+    buckets = set(files["buckets"])
+    for start in range(0, len(folded), parts_per_round):
+        rows_in, writes = _fold(output, folded[start:start + parts_per_round], buckets, storage)
+        stats["rows_in"] += rows_in
+        stats["buckets_written"] += writes
+        buckets = set(manifest_files(output, storage)["buckets"])
+    stats["rows"] = _count_rows(output, sorted(buckets), storage)
+    return stats
+
+
+def _fold(output: str, parts: list[str], buckets: set[str], storage=None) -> tuple[int, int]:
+    """One round of consolidate_manifest: `parts`' rows into the buckets, then the parts deleted.
+    -> (rows read, bucket files written)."""
+    import pyarrow.compute as pc
+
+    new = _read_tables(output, parts, storage)
     bucket = pa.array([bucket_of(i) for i in new["id"].to_pylist()], pa.string())
     fs, root = filesystem(output, storage)
     root = root.rstrip("/")
+    writes = 0
     for b in BUCKETS:
         mine = new.filter(pc.equal(bucket, b))
         path = f"{root}/{MANIFEST_DIR}/bucket-{b}.parquet"
         if mine.num_rows == 0:
             continue
-        old = _read_tables(output, [path], storage) if path in files["buckets"] else MANIFEST_SCHEMA.empty_table()
+        old = _read_tables(output, [path], storage) if path in buckets else MANIFEST_SCHEMA.empty_table()
         merged = one_row_per_id(pa.concat_tables([old, mine]))
         write_bytes(join(output, MANIFEST_DIR, f"bucket-{b}.parquet"), _parquet_bytes(merged), storage)
-        stats["buckets_written"] += 1
-    for p in folded:  # every row of these is now in a bucket
+        writes += 1
+    for p in parts:  # every row of these is now in a bucket
         try:
             fs.rm_file(p)
         except FileNotFoundError:
             pass
-    stats["rows"] = _count_rows(output, manifest_files(output, storage)["buckets"], storage)
-    return stats
+    return new.num_rows, writes
 
 
 def _count_rows(output: str, paths: list[str], storage=None) -> int:
