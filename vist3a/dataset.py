@@ -267,21 +267,39 @@ def recorded_ids(output: str, storage=None, include_failed: bool = True) -> set[
     return set(recorded_id_array(output, storage, include_failed).to_pylist())
 
 
-FOLD_PARTS = 2000  # commit parts folded per round: bounds the memory of a consolidation
+FOLD_BYTES = 8 << 20   # Parquet bytes of commit parts folded per round: bounds a consolidation's memory
+FOLD_PARTS = 4000      # ... and parts per round
 
 
-def consolidate_manifest(output: str, storage=None, parts_per_round: int = FOLD_PARTS) -> dict:
+def _rounds(output: str, paths: list[str], storage=None, max_bytes: int = FOLD_BYTES) -> list[list[str]]:
+    """`paths` in consecutive rounds of at most `max_bytes` (file sizes from one listing) and FOLD_PARTS files."""
+    fs, _ = filesystem(output, storage)
+    sizes = {}
+    for d in {p.rsplit("/", 1)[0] for p in paths}:
+        sizes.update({e["name"].rstrip("/"): e.get("size") or 0 for e in fs.ls(d, detail=True)})
+    rounds, cur, size = [], [], 0
+    for p in paths:
+        s = sizes.get(p, sizes.get(p.lstrip("/"), 0))
+        if cur and (size + s > max_bytes or len(cur) >= FOLD_PARTS):
+            rounds.append(cur)
+            cur, size = [], 0
+        cur.append(p)
+        size += s
+    return rounds + ([cur] if cur else [])
+
+
+def consolidate_manifest(output: str, storage=None, max_bytes: int = FOLD_BYTES) -> dict:
     """Fold the commit parts (and older layouts) into the 16 bucket files, safely at any kill: in rounds of
-    `parts_per_round` parts, each bucket that gains rows is rewritten whole (old rows + new, one row per
-    id) in one atomic write, and a round's parts are deleted only once every bucket is written. Parts
+    at most `max_bytes` of parts, each bucket that gains rows is rewritten whole (old rows + new, one row
+    per id) in one atomic write, and a round's parts are deleted only once every bucket is written. Parts
     committed meanwhile (a run still writing) are left for the next time. Returns counts: parts folded,
     rows in, bucket writes, rows in the buckets."""
     files = manifest_files(output, storage)
     folded = files["commits"] + files["legacy"]
     stats = {"parts_folded": len(folded), "rows_in": 0, "buckets_written": 0, "rows": 0}
     buckets = set(files["buckets"])
-    for start in range(0, len(folded), parts_per_round):
-        rows_in, writes = _fold(output, folded[start:start + parts_per_round], buckets, storage)
+    for parts in _rounds(output, folded, storage, max_bytes):
+        rows_in, writes = _fold(output, parts, buckets, storage)
         stats["rows_in"] += rows_in
         stats["buckets_written"] += writes
         buckets = set(manifest_files(output, storage)["buckets"])
