@@ -40,7 +40,8 @@ from vist3a.dataset import (COMMITS_DIR, MANIFEST_DIR, RESULT_SCHEMA, STAGE_SCHE
 from vist3a.dataset_card import write_dataset_card
 from vist3a.generator import SceneGenerator, scene_files
 from vist3a.io import ensure_writable, join, remove_temp_files
-from vist3a.io.prompts import PROMPT_SCHEMA, PromptLedger, chunk_rows, count_newlines, mark_failed, number_chunks, plan_chunks
+from vist3a.io.prompts import (PROMPT_SCHEMA, PromptLedger, chunk_rows, count_newlines, invalid_id, mark_failed,
+                               number_chunks, plan_chunks)
 from vist3a.video import check_prompt, load_tokenizer
 
 log = logging.getLogger("vist3a.generate")
@@ -80,6 +81,12 @@ class IdLedger:
     def admit(self, rows: list[dict]) -> list[dict | None]:
         return [self.ledger.admit(r) for r in rows]
 
+    def recorded(self, ids: list[str]) -> list[bool]:
+        return self.ledger.recorded(ids)
+
+    def note_recorded(self, n: int) -> None:
+        self.ledger.note_recorded(n)
+
     def add_failures(self, reasons: dict[str, int]) -> None:
         """A validator committed one part of refused rows, for these reasons."""
         self.reasons.update(reasons)
@@ -107,9 +114,25 @@ class ValidatePrompts:
         self.tokenizer = load_tokenizer(local.model.video)
         self.ledgers = ledgers
 
+    def drop_recorded(self, rows: list[dict]) -> list[dict]:
+        """Rows an earlier run recorded, dropped before tokenizing (the costly check): a valid row whose id is
+        recorded, or whose source was refused at validation before (its invalid-… id; retried only with
+        generate.retry_failed, which leaves failed ids out of the ledger's skip set)."""
+        n = len(self.ledgers)
+        keys = [(i, rid) for i, r in enumerate(rows) if r["error"] is None
+                for rid in (r["id"], invalid_id(r["source"]))]
+        by_shard: dict[int, list[tuple[int, str]]] = collections.defaultdict(list)
+        for i, rid in keys:
+            by_shard[ledger_shard(rid, n)].append((i, rid))
+        calls = {k: self.ledgers[k].recorded.remote([rid for _, rid in ks]) for k, ks in by_shard.items()}
+        gone = {i for k, ref in calls.items() for (i, _), hit in zip(by_shard[k], ray.get(ref)) if hit}
+        if gone:
+            ray.get(self.ledgers[0].note_recorded.remote(len(gone)))
+        return [r for i, r in enumerate(rows) if i not in gone]
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         limit, template = self.cfg.model.video.text_encoder.max_length, self.cfg.sampling.prompt_template
-        rows = batch.to_pylist()
+        rows = self.drop_recorded(batch.to_pylist())
         for i, row in enumerate(rows):
             if row["error"] is None and (reason := check_prompt(self.tokenizer, row["prompt"], limit, template)):
                 rows[i] = mark_failed(row, reason)

@@ -212,3 +212,14 @@ def test_ledger_first_claim_wins_and_a_retried_row_is_admitted_again():
     assert ledger.admit(dict(a1)) == a1  # the same source again: a retried task, not a duplicate
     assert dict(ledger.stats) == {"rows": 5, "duplicates": 1, "conflicts": 1, "invalid": 1, "recorded": 1}
     assert PromptLedger(skip=[conflict["id"]]).admit(conflict) is None  # a refused row an earlier run recorded
+
+
+def test_ledger_tells_recorded_ids_without_claiming_and_counts_rows_dropped_for_them():
+    from vist3a.io.prompts import PromptLedger, normalise_row
+
+    ledger = PromptLedger(skip=["a", "invalid-x"])
+    assert ledger.recorded(["a", "b", "invalid-x"]) == [True, False, True] and not ledger.claims
+    ledger.note_recorded(2)
+    row = normalise_row({"prompt": "b", "id": "b", "source": "f:1"})
+    assert ledger.admit(row) == row
+    assert dict(ledger.stats) == {"rows": 3, "recorded": 2}

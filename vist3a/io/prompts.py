@@ -332,6 +332,15 @@ class PromptLedger:
         self.claims: dict[str, tuple] = {}
         self.stats: collections.Counter[str] = collections.Counter()
 
+    def recorded(self, ids: list[str]) -> list[bool]:
+        """Which of `ids` an earlier run recorded (no claim, no count): lets a job drop rows before costly checks."""
+        return [i in self.skip for i in ids]
+
+    def note_recorded(self, n: int) -> None:
+        """Count `n` rows a job dropped as recorded without admitting them (see `recorded`)."""
+        self.stats["rows"] += n
+        self.stats["recorded"] += n
+
     def admit(self, row: dict) -> dict | None:
         """The row to process (a conflict comes back as a failed row), or None when it adds no work."""
         self.stats["rows"] += 1
