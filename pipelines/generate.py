@@ -13,8 +13,9 @@ whole job is one Ray Data stream:
   4. write_scenes        (CPU tasks: encode and upload every file of a task's scenes, then commit them
                           in one manifest part)
 The driver consumes the stream for progress, folds the commit parts into the manifest now and then
-and at the end, and writes the dataset card. Rerunning the same command on the same output resumes:
-every id is written exactly once (see vist3a.dataset).
+and at the end, records the prompt files it read whole (inputs.json) and writes the dataset card.
+Rerunning the same command on the same output resumes: every id is written exactly once (see
+vist3a.dataset), and files a finished run read whole are not read again while they are unchanged.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from ray.data import ActorPoolStrategy
 from pipelines.ray_setup import init_ray, run_isolated, set_torch_threads
 from vist3a import __version__
 from vist3a.config import Config, ConfigError, StorageConfig, load_config
-from vist3a.dataset import (COMMITS_DIR, MANIFEST_DIR, RESULT_SCHEMA, STAGE_SCHEMA, consolidate_manifest, empty_manifest_row, failure_class,
-                            file_columns, now_utc, recorded_id_array, shard_of, typed_table, write_manifest_part, write_scene)
+from vist3a.dataset import (COMMITS_DIR, INPUTS_FILE, MANIFEST_DIR, RESULT_SCHEMA, STAGE_SCHEMA, consolidate_manifest,
+                            empty_manifest_row, failure_class, file_columns, now_utc, read_inputs_record, record_read_inputs,
+                            recorded_id_array, shard_of, typed_table, write_manifest_part, write_scene)
 from vist3a.dataset_card import write_dataset_card
 from vist3a.generator import SceneGenerator, scene_files
 from vist3a.io import ensure_writable, join, remove_temp_files
@@ -228,8 +230,8 @@ SWEEP_SCENES_UP_TO = 100_000  # scenes/ is swept for killed writers' temp files 
 LOCAL_COUNT_BYTES = 32 << 20  # prompt sets up to this size have their newlines counted on the driver (streamed)
 
 
-def count_lines(chunks: list[dict], storage: StorageConfig, cpus: float) -> tuple[list[dict], int | None]:
-    """Line numbers for chunks after a file's first, and ≈ the rows of the set (lines; CSV: lines - 1;
+def count_lines(chunks: list[dict], storage: StorageConfig, cpus: float) -> tuple[list[dict], dict[str, int]]:
+    """Line numbers for chunks after a file's first, and ≈ the rows of each file (lines; CSV: lines - 1;
     Parquet: from its footer), both from one parallel pass of newline counting on the cluster."""
     storage_dict = storage.model_dump()
 
@@ -242,15 +244,20 @@ def count_lines(chunks: list[dict], storage: StorageConfig, cpus: float) -> tupl
     else:
         counted = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map(count, num_cpus=cpus).take_all()
     counts = {r["i"]: r["n"] for r in counted}
-    total = 0
+    rows: dict[str, int] = {}
     for i, c in enumerate(chunks):
         if c.get("rows") is not None:
-            total += c["rows"]
+            rows[c["file"]] = c["rows"]
         elif i + 1 == len(chunks) or chunks[i + 1]["file"] != c["file"]:  # the file's last chunk
             first_of_file = next(j for j in range(i, -1, -1) if chunks[j]["start"] == 0)
             lines = (1 + sum(counts[j] for j in range(first_of_file, i + 1))) if c["end"] else 0
-            total += lines - (1 if c["file"].lower().endswith(".csv") and lines else 0)
-    return number_chunks(chunks, counts), total
+            rows[c["file"]] = lines - (1 if c["file"].lower().endswith(".csv") and lines else 0)
+    return number_chunks(chunks, counts), rows
+
+
+def files_read_before(chunks: list[dict], record: dict[str, dict]) -> dict[str, dict]:
+    """The files of `chunks` a finished run read whole as they are now (inputs.json: same version)."""
+    return {c["file"]: record[c["file"]] for c in chunks if record.get(c["file"], {}).get("version") == c["version"]}
 
 
 class Progress:
@@ -362,25 +369,12 @@ def build_dataset(cfg: Config, chunks: list[dict], ledgers: list, total: int | N
     return ds
 
 
-def run(cfg: Config, progress_bar: bool | None = None) -> dict:
-    """Run (or resume) the job described by `cfg`; returns the summary (also in the dataset card)."""
+def stream(cfg: Config, chunks: list[dict], skip: pa.Array, progress: Progress) -> dict:
+    """The Ray Data stream over `chunks`, consumed for progress, with the commit log folded into the manifest
+    now and then; returns the ledger's counts."""
     job = cfg.generate
-    t0 = time.perf_counter()
-    ensure_writable(job.output, cfg.storage)
-    SceneGenerator.fetch_and_verify_weights(cfg)  # missing weights fail here, before Ray or any GPU starts
-    chunks = plan_chunks(job.input, cfg.storage, chunk_bytes=int(job.read_chunk_mb * (1 << 20)))
-    # the ids earlier runs recorded: two columns of the buckets and of any parts a killed run left (those
-    # are folded in at this run's end), read in parallel
-    skip = recorded_id_array(job.output, cfg.storage, include_failed=not job.retry_failed)
-    bookkeeping_s = time.perf_counter() - t0
-    init_ray(cfg)
-    chunks, total = count_lines(chunks, cfg.storage, job.cpu_stage_cpus)
-    files = len({c["file"] for c in chunks})
-    print(f"[generate] ≈{total} rows in {files} file(s) ({len(chunks)} read units); {len(skip)} ids recorded "
-          f"by earlier runs are skipped when seen (read in {bookkeeping_s:.1f}s) -> {job.output}", flush=True)
     skip_ref = ray.put(skip)
     ledgers = [IdLedger.remote(k, job.validators, skip_ref) for k in range(job.validators)]
-    progress = Progress(min(total, job.limit) if job.limit else total, job.progress_every_s, progress_bar)
     last_consolidated = last_polled = time.perf_counter()
     parts_at_last = 0  # commit parts this run wrote up to the last consolidation
     try:
@@ -400,7 +394,43 @@ def run(cfg: Config, progress_bar: bool | None = None) -> dict:
         progress.ledger(counts)
     finally:
         progress.close()
+    return counts
+
+
+def run(cfg: Config, progress_bar: bool | None = None) -> dict:
+    """Run (or resume) the job described by `cfg`; returns the summary (also in the dataset card)."""
+    job = cfg.generate
+    t0 = time.perf_counter()
+    ensure_writable(job.output, cfg.storage)
+    SceneGenerator.fetch_and_verify_weights(cfg)  # missing weights fail here, before Ray or any GPU starts
+    chunks = plan_chunks(job.input, cfg.storage, chunk_bytes=int(job.read_chunk_mb * (1 << 20)))
+    # the ids earlier runs recorded: two columns of the buckets and of any parts a killed run left (those
+    # are folded in at this run's end), read in parallel
+    skip = recorded_id_array(job.output, cfg.storage, include_failed=not job.retry_failed)
+    # files a finished run read whole, unchanged since: every row of them is recorded, so they are not read
+    # (with retry_failed they are: their failed rows are the work)
+    read_before = {} if job.retry_failed else files_read_before(chunks, read_inputs_record(job.output, cfg.storage))
+    chunks = [c for c in chunks if c["file"] not in read_before]
+    bookkeeping_s = time.perf_counter() - t0
+    if read_before:
+        print(f"[generate] {len(read_before)} prompt file(s) (≈{sum(v['rows'] for v in read_before.values())} rows) are "
+              f"skipped unread: a finished run read them whole and they have not changed since "
+              f"({join(job.output, INPUTS_FILE)}; delete it to read them again)", flush=True)
+    counts = {"rows": 0, "duplicates": 0, "conflicts": 0, "recorded": 0, "refused": 0, "reasons": {}, "refused_parts": 0}
+    progress = Progress(0, job.progress_every_s, False)
+    rows_by_file: dict[str, int] = {}
+    if chunks:
+        init_ray(cfg)
+        chunks, rows_by_file = count_lines(chunks, cfg.storage, job.cpu_stage_cpus)
+        total = sum(rows_by_file.values())
+        print(f"[generate] ≈{total} rows in {len(rows_by_file)} file(s) ({len(chunks)} read units); {len(skip)} ids "
+              f"recorded by earlier runs are skipped when seen (read in {bookkeeping_s:.1f}s) -> {job.output}", flush=True)
+        progress = Progress(min(total, job.limit) if job.limit else total, job.progress_every_s, progress_bar)
+        counts = stream(cfg, chunks, skip, progress)
     final = consolidate_manifest(job.output, cfg.storage)
+    if chunks and not job.limit:  # every row of these files is now in the manifest
+        record_read_inputs(job.output, {c["file"]: {"version": c["version"], "rows": rows_by_file[c["file"]]}
+                                        for c in chunks}, cfg.storage)
     # every writer of this run has finished: a temp file left now is from a killed one (this run or earlier).
     # scenes/ is swept while it is small; in a large dataset a stray .tmp-* file there costs disk, not
     # correctness (no reader lists hidden files), and walking tens of millions of files costs minutes.
@@ -411,6 +441,7 @@ def run(cfg: Config, progress_bar: bool | None = None) -> dict:
         print(f"[generate] removed {stale} temporary file(s) left by killed writers", flush=True)
     reasons = collections.Counter(counts["reasons"]) + progress.reasons
     this_run = {"rows_read": counts["rows"], "done": progress.done, "failed": progress.failed + progress.refused,
+                "files_skipped_unread": len(read_before), "rows_in_files_skipped": sum(v["rows"] for v in read_before.values()),
                 "failed_at_validation": progress.refused, "duplicates_collapsed": counts["duplicates"],
                 "conflicting_ids": counts["conflicts"], "already_recorded": counts["recorded"],
                 "seconds": round(time.perf_counter() - t0, 2), "bookkeeping_s": round(bookkeeping_s, 2),
@@ -446,9 +477,11 @@ when absent (equal prompts collapse to one id and one scene); seeds derive from 
 output (generate.output):  scenes/<shard>/<id>.ply|.spz|.png|.cameras.json|.meta.json,
 manifest/bucket-*.parquet (one row per id: prompt, seed, status, error, files, timings, licence,
 provenance, ...; read the directory with pandas / pyarrow / Ray Data), commits/ (the commit log,
-folded into manifest/ at the end), and the dataset card README.md + dataset.json.
+folded into manifest/ at the end), inputs.json (the prompt files finished runs read whole), and
+the dataset card README.md + dataset.json.
 Rerun the same command to resume: recorded ids are skipped (failed ones too unless
---set generate.retry_failed=true).
+--set generate.retry_failed=true), and prompt files a finished run read whole are not read again
+while unchanged (size and mtime, or S3 ETag; delete inputs.json to read them all again).
 
 examples:
   python -m pipelines.generate --config deploy/generate.yaml

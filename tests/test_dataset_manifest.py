@@ -250,3 +250,19 @@ def test_older_layouts_are_read_and_folded_in(tmp_path):
     assert not (tmp_path / "manifest.parquet").exists() and not list((tmp_path / "manifest" / "parts").iterdir())
     assert _unique_in_manifest_dir(str(tmp_path)) == {"old1", "old2", "new"}
     assert pa.concat_tables([pq.read_table(f) for f in (tmp_path / "manifest").glob("bucket-*")]).schema.equals(MANIFEST_SCHEMA)
+
+
+def test_the_record_of_files_read_whole_merges_and_refuses_a_foreign_format(tmp_path):
+    from vist3a.dataset import INPUTS_FILE, read_inputs_record, record_read_inputs
+
+    out = str(tmp_path / "out")
+    assert read_inputs_record(out) == {}
+    record_read_inputs(out, {"/in/a.txt": {"version": "size=1 mtime_ns=1", "rows": 1}})
+    record_read_inputs(out, {"/in/b.txt": {"version": "size=2 mtime_ns=2", "rows": 2},
+                             "/in/a.txt": {"version": "size=3 mtime_ns=3", "rows": 3}})
+    got = read_inputs_record(out)
+    assert {f: (v["version"], v["rows"]) for f, v in got.items()} == {"/in/a.txt": ("size=3 mtime_ns=3", 3),
+                                                                     "/in/b.txt": ("size=2 mtime_ns=2", 2)}
+    (tmp_path / "out" / INPUTS_FILE).write_text('{"format": "something-else/9", "files": {}}')
+    with pytest.raises(ValueError, match=r"inputs\.json: format 'something-else/9' is not 'vist3a-read-inputs/1'"):
+        read_inputs_record(out)

@@ -97,11 +97,26 @@ def test_formats_bad_rows_duplicates_and_rerun(tmp_path, ray_local):
     assert {r["licence"] for r in done_rows} == {"random weights (no licence terms)"}
     prov = json.loads(done_rows[0]["provenance"])
     assert prov["model"]["preset"] == "tiny" and prov["sampling"]["steps"] == 2 and "torch" in prov["versions"]
-    # the same command again: nothing to do, nothing rewritten
+    # the same command again: nothing to do, nothing rewritten, and no prompt file even read (a finished
+    # run read all four whole, inputs.json says, and none has changed)
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("scenes/*/*.ply")}
+    record = json.loads((out / "inputs.json").read_text())["files"]
+    assert sorted(os.path.basename(f) for f in record) == ["a.txt", "b.jsonl", "c.csv", "d.parquet"]
+    assert record[str(tmp_path / "in" / "c.csv")]["rows"] == 1 and record[str(tmp_path / "in" / "a.txt")]["rows"] == 5
     again = run(_cfg(tmp_path / "in", out))
-    assert again["this_run"] == {**again["this_run"], "done": 0, "failed": 0}
+    assert again["this_run"] == {**again["this_run"], "done": 0, "failed": 0, "rows_read": 0, "files_skipped_unread": 4,
+                                 "rows_in_files_skipped": 5 + 4 + 1 + 2}
     assert {p: p.stat().st_mtime_ns for p in out.glob("scenes/*/*.ply")} == mtimes
+    # a file that changed is read again, its recorded rows skipped one by one; a limited run reads a part
+    # of it only, so it does not count as read whole
+    with open(tmp_path / "in" / "c.csv", "a") as f:
+        f.write("a quiet pond,\n")
+    limited = run(_cfg(tmp_path / "in", out, limit=1))["this_run"]
+    assert (limited["files_skipped_unread"], limited["rows_read"], limited["already_recorded"], limited["done"]) == (3, 1, 1, 0)
+    changed = run(_cfg(tmp_path / "in", out))["this_run"]
+    assert (changed["files_skipped_unread"], changed["rows_read"], changed["already_recorded"], changed["done"]) == (3, 2, 1, 1)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("scenes/*/*.ply")}.items() > mtimes.items()
+    assert json.loads((out / "inputs.json").read_text())["files"][str(tmp_path / "in" / "c.csv")]["rows"] == 2
 
 
 def _write_bad_rows_only(d):
@@ -285,7 +300,15 @@ def test_prompt_set_over_many_files_and_read_units_on_s3(tmp_path, s3_bucket, ra
     r = summary["this_run"]
     assert (r["rows_read"], r["done"], r["duplicates_collapsed"], r["conflicting_ids"]) == (18, 7, 15 - 6, 1)
     assert summary["manifest"] == {"rows": 9, "done": 7, "failed": 2}
-    again = run(_cfg(f"s3://{s3_bucket}/many/", out, validators=2, read_chunk_mb=64 / 2**20))
-    # every row's id is recorded now (an id is skipped before any claim, so the conflict stays as it was)
-    assert (again["this_run"]["done"], again["this_run"]["failed"], again["this_run"]["already_recorded"]) == (0, 0, 18)
-    assert _check_consistent(out) == rows
+    again = run(_cfg(f"s3://{s3_bucket}/many/", out, validators=2, read_chunk_mb=64 / 2**20))["this_run"]
+    assert (again["files_skipped_unread"], again["rows_read"], again["done"], again["failed"]) == (6, 0, 0, 0)
+    # a changed object (new ETag) is read again: its recorded rows are skipped before any claim, so the
+    # conflict stays as it was, and only the new row is generated
+    write_text(f"s3://{s3_bucket}/many/ids.jsonl", json.dumps({"id": "fixed", "prompt": "a castle"}) + "\n"
+               + json.dumps({"id": "fixed", "prompt": "a different castle"}) + "\n" + '{"prompt": ""}\n'
+               + json.dumps({"prompt": "a lighthouse"}) + "\n")
+    changed = run(_cfg(f"s3://{s3_bucket}/many/", out, validators=2, read_chunk_mb=64 / 2**20))["this_run"]
+    assert (changed["files_skipped_unread"], changed["rows_read"], changed["already_recorded"], changed["done"],
+            changed["failed"]) == (5, 4, 3, 1, 0)
+    after = _check_consistent(out)
+    assert [r for r in after if r["prompt"] != "a lighthouse"] == rows and len(after) == len(rows) + 1

@@ -223,3 +223,27 @@ def test_ledger_tells_recorded_ids_without_claiming_and_counts_rows_dropped_for_
     row = normalise_row({"prompt": "b", "id": "b", "source": "f:1"})
     assert ledger.admit(row) == row
     assert dict(ledger.stats) == {"rows": 3, "recorded": 2}
+
+
+def test_a_file_version_changes_with_its_content_and_only_then(tmp_path, s3_bucket):
+    """What lets a rerun skip a file an earlier run read whole: the version plan_chunks gives every chunk."""
+    import os
+
+    from vist3a.io import write_text
+    from vist3a.io.prompts import plan_chunks
+
+    def versions(uri):
+        return {c["version"] for c in plan_chunks(uri, chunk_bytes=4)}
+
+    (tmp_path / "p.txt").write_text("a barn\na lake\n")
+    (v1,) = versions(str(tmp_path / "p.txt"))
+    assert versions(str(tmp_path / "p.txt")) == {v1} and v1.startswith("size=14 mtime_ns=")
+    st = (tmp_path / "p.txt").stat()
+    os.utime(tmp_path / "p.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: read it again
+    assert versions(str(tmp_path / "p.txt")) != {v1}
+    write_text(f"s3://{s3_bucket}/v/p.txt", "a barn\na lake\n")
+    (e1,) = versions(f"s3://{s3_bucket}/v/p.txt")
+    write_text(f"s3://{s3_bucket}/v/p.txt", "a barn\na lake\n")  # the same bytes again: the same ETag
+    assert versions(f"s3://{s3_bucket}/v/p.txt") == {e1} and e1.startswith("size=14 etag=")
+    write_text(f"s3://{s3_bucket}/v/p.txt", "a barn\na pond\n")
+    assert versions(f"s3://{s3_bucket}/v/p.txt") != {e1}

@@ -10,6 +10,8 @@ Layout under one output URI:
     manifest/bucket-<h>.parquet        the consolidated manifest: one row per id, ids split over 16
                                        disjoint buckets by the first hex digit of sha256(id)
     dataset.json, README.md            the dataset card of the last run
+    inputs.json                        the prompt files finished runs read whole (each with its size and
+                                       modification stamp): a rerun skips them without reading them
 
 An id counts as complete once a row naming it is in a commit part or a bucket. A part is written
 (atomically) after every file of its rows, so a run killed at any moment leaves ids that are either
@@ -20,6 +22,10 @@ loses no row, and since buckets hold disjoint ids and each holds one row per id,
 holds an id twice. Readers (`read_manifest`) take buckets and parts together and keep one row per id:
 a 'done' row over a 'failed' one, then the latest `finished_at`. Older layouts (manifest/parts/*,
 manifest.parquet) are read too and folded in by the next consolidation.
+
+`inputs.json` only saves reading: it is written after a run's final consolidation, so every row of the
+files it names is in the manifest; a file that changed since (size or stamp) is read again, and a killed
+run records nothing, so its rerun reads every file and skips the recorded ids one by one.
 """
 
 from __future__ import annotations
@@ -341,6 +347,35 @@ def _count_rows(output: str, paths: list[str], storage=None) -> int:
         with fs.open(p, "rb") as f:
             n += pq.ParquetFile(f).metadata.num_rows
     return n
+
+
+INPUTS_FILE = "inputs.json"
+INPUTS_FORMAT = "vist3a-read-inputs/1"
+
+
+def read_inputs_record(output: str, storage=None) -> dict[str, dict]:
+    """The prompt files finished runs read whole: {uri: {"version", "rows", "read_at"}} (empty if none).
+    `version` is vist3a.io.prompts.file_version: the file as it was then."""
+    from vist3a.io.uri import exists, read_text
+
+    uri = join(output, INPUTS_FILE)
+    if not exists(uri, storage):
+        return {}
+    doc = json.loads(read_text(uri, storage))
+    if doc.get("format") != INPUTS_FORMAT:
+        raise ValueError(f"{uri}: format {doc.get('format')!r} is not {INPUTS_FORMAT!r}; delete the file and the next "
+                         "run reads every prompt file (recorded ids are still skipped)")
+    return doc["files"]
+
+
+def record_read_inputs(output: str, files: dict[str, dict], storage=None) -> None:
+    """Add `files` ({uri: {"version", "rows"}}) to inputs.json, atomically: call it only once every row of
+    them is in the manifest (after the run's final consolidation)."""
+    record = read_inputs_record(output, storage)
+    stamp = now_utc().isoformat(timespec="seconds")
+    record.update({f: {**v, "read_at": stamp} for f, v in files.items()})
+    doc = {"format": INPUTS_FORMAT, "files": dict(sorted(record.items()))}
+    write_bytes(join(output, INPUTS_FILE), json.dumps(doc, indent=1).encode("utf-8"), storage)
 
 
 def now_utc():

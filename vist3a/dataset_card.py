@@ -65,7 +65,8 @@ def build_card(output: str, cfg, this_run: dict, storage=None) -> dict:
         "bytes": {**sizes, "total": sum(sizes.values())},
         "last_run": this_run,
         "layout": {"manifest": f"{MANIFEST_DIR}/ (Parquet, one row per id)", "scenes": "scenes/<shard>/<id>.<ext>",
-                   "commit_log": "commits/ (folded into manifest/ at the end of a run)"},
+                   "commit_log": "commits/ (folded into manifest/ at the end of a run)",
+                   "inputs_read": "inputs.json (prompt files finished runs read whole; a rerun skips them unread)"},
     }
 
 

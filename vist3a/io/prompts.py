@@ -66,24 +66,35 @@ def list_inputs(uri: str, storage=None) -> list[str]:
 # ----------------------------------------------------------------------------- read units
 
 
+def file_version(info: dict) -> str:
+    """A file as it is now, from its listing entry: size plus S3's ETag or the local modification time (ns).
+    Equal versions mean an unchanged file (what lets a rerun skip a file an earlier run read whole)."""
+    if info.get("ETag"):
+        return f"size={info['size']} etag={str(info['ETag']).strip(chr(34))}"
+    mtime = info.get("mtime")
+    return f"size={info['size']} mtime_ns={int(round(float(mtime) * 1e9)) if mtime is not None else 'unknown'}"
+
+
 def plan_chunks(uri: str, storage=None, chunk_bytes: int = CHUNK_BYTES) -> list[dict]:
     """The prompt set as read units, from listings and sizes (and a CSV header / Parquet footer, so a file
     without a 'prompt' column is refused here, by name): .txt/.jsonl cut every `chunk_bytes`; a chunk
     reads the lines that start inside it. `first_line` is None where it is not known yet (a chunk after a
     file's first): `number_chunks` fills it from `count_newlines` of the chunks before. Parquet chunks
-    carry their `rows` (from the footer)."""
+    carry their `rows` (from the footer); every chunk its file's `version` (file_version)."""
     chunks = []
     for f in list_inputs(uri, storage):
         fs, path = filesystem(f, storage)
         ext = os.path.splitext(f)[1].lower()
-        size = fs.size(path)
+        info = fs.info(path)
+        size, version = info["size"], file_version(info)
         if ext in LINE_FORMATS:
             for start in range(0, max(size, 1), chunk_bytes):
                 chunks.append({"file": f, "start": start, "end": min(start + chunk_bytes, size),
-                               "first_line": 1 if start == 0 else None})
+                               "first_line": 1 if start == 0 else None, "version": version})
             continue
         rows = _check_columns(f, fs, path, ext)
-        chunks.append({"file": f, "start": 0, "end": size, "first_line": 1, **({"rows": rows} if rows is not None else {})})
+        chunks.append({"file": f, "start": 0, "end": size, "first_line": 1, "version": version,
+                       **({"rows": rows} if rows is not None else {})})
     return chunks
 
 
