@@ -156,23 +156,33 @@ class ValidatePrompts:
 
 
 class GenerateScenes:
-    """GPU stage: one SceneGenerator per actor; a task's rows go in batches of generate.batch_size, and a
-    failing batch is retried item by item."""
+    """GPU stage: one SceneGenerator per actor, built when the first rows reach it (Ray Data starts the pool
+    before any row is read, and a resume whose rows were all recorded sends it none: no model is loaded for
+    nothing); a task's rows go in batches of generate.batch_size, and a failing batch is retried item by item."""
 
     def __init__(self, cfg_dict: dict):
-        cfg = Config.model_validate(cfg_dict)
-        set_torch_threads(cfg.generate.cpus_per_actor, torch.cuda.is_available(), cfg.runtime.torch_threads)
-        self.gen = SceneGenerator(cfg)
-        self.batch_size = cfg.generate.batch_size
+        self.cfg = Config.model_validate(cfg_dict)
+        set_torch_threads(self.cfg.generate.cpus_per_actor, torch.cuda.is_available(), self.cfg.runtime.torch_threads)
+        self.batch_size = self.cfg.generate.batch_size
+        self._gen: SceneGenerator | None = None
+
+    @property
+    def gen(self) -> SceneGenerator:
+        if self._gen is None:
+            self._gen = SceneGenerator(self.cfg)
+        return self._gen
 
     def __call__(self, block: pa.Table) -> pa.Table:
         rows = block.to_pylist()
+        todo = [r for r in rows if r["error"] is None]
+        if not todo:
+            return typed_table(rows, STAGE_SCHEMA, "prompt row")
+        gen = self.gen  # built here, not inside run_isolated: a model that cannot load fails the run, not its rows
 
         def generate(todo: list[dict]) -> list:
-            return self.gen.generate([r["prompt"] for r in todo], [r["seed"] for r in todo],
-                                     [r["negative_prompt"] or "" for r in todo])
+            return gen.generate([r["prompt"] for r in todo], [r["seed"] for r in todo],
+                                [r["negative_prompt"] or "" for r in todo])
 
-        todo = [r for r in rows if r["error"] is None]
         for start in range(0, len(todo), self.batch_size):
             done, failed = run_isolated(generate, todo[start:start + self.batch_size])
             for row, reason in failed:  # recorded as failed rows; the job goes on
@@ -181,7 +191,7 @@ class GenerateScenes:
                 # pickled: Arrow stores bytes as they are, where a Scene object makes Ray Data try (and fail,
                 # with a warning per block) to convert it to an Arrow column first
                 row["scene"] = pickle.dumps(scene, protocol=pickle.HIGHEST_PROTOCOL)
-                row["meta"] = json.dumps(self.gen.meta(scene))  # JSON text: Arrow would turn lists into arrays
+                row["meta"] = json.dumps(gen.meta(scene))  # JSON text: Arrow would turn lists into arrays
         return typed_table(rows, STAGE_SCHEMA, "prompt row")
 
 
