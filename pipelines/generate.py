@@ -12,10 +12,11 @@ whole job is one Ray Data stream:
   3. GenerateScenes      (GPU actors: the model is loaded once per actor; a task is `commit_scenes` rows)
   4. write_scenes        (CPU tasks: encode and upload every file of a task's scenes, then commit them
                           in one manifest part)
-The driver consumes the stream for progress, folds the commit parts into the manifest now and then
-and at the end, records the prompt files it read whole (inputs.json) and writes the dataset card.
-Rerunning the same command on the same output resumes: every id is written exactly once (see
-vist3a.dataset), and files a finished run read whole are not read again while they are unchanged.
+The driver consumes the stream for progress, records the read units whose every row has a durable
+outcome (inputs.json, as they finish), folds the commit parts into the manifest now and then and at the
+end, records the prompt files it read whole and writes the dataset card. Rerunning the same command on
+the same output resumes: every id is written exactly once (see vist3a.dataset), and the files a finished
+run read whole, or the read units a killed run finished, are not read again while they are unchanged.
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ from pipelines.ray_setup import init_ray, run_isolated, set_torch_threads
 from vist3a import __version__
 from vist3a.config import Config, ConfigError, StorageConfig, load_config
 from vist3a.dataset import (COMMITS_DIR, INPUTS_FILE, MANIFEST_DIR, RESULT_SCHEMA, STAGE_SCHEMA, consolidate_manifest,
-                            empty_manifest_row, failure_class, file_columns, now_utc, read_inputs_record, record_read_inputs,
-                            recorded_id_array, shard_of, typed_table, write_manifest_part, write_scene)
+                            empty_manifest_row, failure_class, file_columns, now_utc, read_inputs_record, read_units_record,
+                            record_read_inputs, record_read_units, recorded_id_array, shard_of, typed_table,
+                            write_manifest_part, write_scene)
 from vist3a.dataset_card import write_dataset_card
 from vist3a.generator import SceneGenerator, scene_files
 from vist3a.io import ensure_writable, join, remove_temp_files
-from vist3a.io.prompts import (PROMPT_SCHEMA, PromptLedger, chunk_rows, count_newlines, invalid_id, mark_failed,
+from vist3a.io.prompts import (PromptLedger, ReadUnitTally, chunk_rows, count_newlines, invalid_id, mark_failed,
                                number_chunks, plan_chunks)
 from vist3a.video import check_prompt, load_tokenizer
 
@@ -52,18 +54,23 @@ log = logging.getLogger("vist3a.generate")
 # ----------------------------------------------------------------------------- Ray Data stages
 
 
-def read_prompt_chunks(batch: pa.Table, storage: dict, block_rows: int):
-    """CPU stage: each input row is one read unit (vist3a.io.prompts.plan_chunks); yields its prompt rows."""
+def read_prompt_chunks(batch: pa.Table, storage: dict, block_rows: int, tally=None):
+    """CPU stage: each input row is one read unit (vist3a.io.prompts.plan_chunks); yields its prompt rows,
+    each with its unit and place in it, and tells the tally how many rows the unit has."""
     storage_cfg = StorageConfig.model_validate(storage)
     for chunk in batch.to_pylist():
-        rows = []
+        rows, pos = [], 0
         for row in chunk_rows(chunk, storage_cfg):
+            row["unit"], row["pos"] = chunk["unit"], pos
+            pos += 1
             rows.append(row)
             if len(rows) >= block_rows:
-                yield typed_table(rows, PROMPT_SCHEMA, "prompt row")
+                yield typed_table(rows, STAGE_SCHEMA, "prompt row")
                 rows = []
         if rows:
-            yield typed_table(rows, PROMPT_SCHEMA, "prompt row")
+            yield typed_table(rows, STAGE_SCHEMA, "prompt row")
+        if tally is not None:
+            ray.get(tally.read.remote(chunk["unit"], pos))
 
 
 def ledger_shard(scene_id: str, shards: int) -> int:
@@ -98,6 +105,11 @@ class IdLedger:
         return {"stats": dict(self.ledger.stats), "reasons": dict(self.reasons), "parts": self.parts}
 
 
+# The run's read-unit tally. Restarted if it dies: it then forgets marks, so the units in flight are never
+# recorded as finished (their rerun reads them again), which costs reading, never a row.
+UnitTally = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(ReadUnitTally)
+
+
 def failed_manifest_row(row: dict, preset: str) -> dict:
     """The manifest row of a row refused before generation (its only record: no files)."""
     out = empty_manifest_row()
@@ -110,11 +122,12 @@ class ValidatePrompts:
     """CPU stage: refuse prompts the text encoder cannot take (token limit) before any GPU time, let the id
     ledger drop duplicates and ids an earlier run recorded, and commit the refused rows (one part a block)."""
 
-    def __init__(self, cfg_dict: dict, ledgers: list):
+    def __init__(self, cfg_dict: dict, ledgers: list, tally=None):
         self.cfg = Config.model_validate(cfg_dict)
         local = SceneGenerator.fetch_and_verify_weights(self.cfg)  # hub ids / s3:// made local on this node
         self.tokenizer = load_tokenizer(local.model.video)
         self.ledgers = ledgers
+        self.tally = tally
 
     def drop_recorded(self, rows: list[dict]) -> list[dict]:
         """Rows an earlier run recorded, dropped before tokenizing (the costly check): a valid row whose id is
@@ -134,7 +147,8 @@ class ValidatePrompts:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         limit, template = self.cfg.model.video.text_encoder.max_length, self.cfg.sampling.prompt_template
-        rows = self.drop_recorded(batch.to_pylist())
+        given = batch.to_pylist()
+        rows = self.drop_recorded(given)
         for i, row in enumerate(rows):
             if row["error"] is None and (reason := check_prompt(self.tokenizer, row["prompt"], limit, template)):
                 rows[i] = mark_failed(row, reason)
@@ -152,7 +166,11 @@ class ValidatePrompts:
             write_manifest_part(self.cfg.generate.output, [failed_manifest_row(r, self.cfg.preset) for r in refused],
                                 self.cfg.storage)
             ray.get(self.ledgers[0].add_failures.remote(collections.Counter(failure_class(r["error"]) for r in refused)))
-        return typed_table([r for r in admitted if r is not None and r["error"] is None], STAGE_SCHEMA, "prompt row")
+        onward = [r for r in admitted if r is not None and r["error"] is None]
+        if self.tally is not None:  # every other row now has its outcome: recorded, a duplicate, or committed above
+            going = {(r["unit"], r["pos"]) for r in onward}
+            ray.get(self.tally.settle.remote([(r["unit"], r["pos"]) for r in given if (r["unit"], r["pos"]) not in going]))
+        return typed_table(onward, STAGE_SCHEMA, "prompt row")
 
 
 class GenerateScenes:
@@ -204,6 +222,7 @@ def write_scenes(batch: pa.Table, output: str, storage: dict, ply_sh_degree: int
         row = empty_manifest_row()
         for k in ("id", "prompt", "negative_prompt", "seed", "source"):
             row[k] = item[k]
+        row["unit"], row["pos"] = item.get("unit"), item.get("pos")  # for the driver's tally (not in the manifest)
         err, meta = item["error"], item["meta"]
         if err is None and meta:
             scene, meta = pickle.loads(item["scene"]), json.loads(meta)
@@ -242,18 +261,21 @@ LOCAL_COUNT_BYTES = 32 << 20  # prompt sets up to this size have their newlines 
 
 def count_lines(chunks: list[dict], storage: StorageConfig, cpus: float) -> tuple[list[dict], dict[str, int]]:
     """Line numbers for chunks after a file's first, and ≈ the rows of each file (lines; CSV: lines - 1;
-    Parquet: from its footer), both from one parallel pass of newline counting on the cluster."""
+    Parquet: from its footer), both from one parallel pass of newline counting on the cluster (a chunk
+    with "newlines" known, a unit an earlier run finished, is not counted again); each chunk of a line file
+    comes back with its "newlines"."""
     storage_dict = storage.model_dump()
 
     def count(item: dict) -> dict:
         return {"i": item["i"], "n": count_newlines(item["chunk"], StorageConfig.model_validate(storage_dict))}
 
-    items = [{"i": i, "chunk": c} for i, c in enumerate(chunks) if c.get("rows") is None]
+    known = {i: c["newlines"] for i, c in enumerate(chunks) if c.get("rows") is None and c.get("newlines") is not None}
+    items = [{"i": i, "chunk": c} for i, c in enumerate(chunks) if c.get("rows") is None and i not in known]
     if sum(it["chunk"]["end"] - it["chunk"]["start"] for it in items) <= LOCAL_COUNT_BYTES:
         counted = [count(it) for it in items]  # a small set: streamed here, quicker than starting tasks
     else:
         counted = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map(count, num_cpus=cpus).take_all()
-    counts = {r["i"]: r["n"] for r in counted}
+    counts = {**known, **{r["i"]: r["n"] for r in counted}}
     rows: dict[str, int] = {}
     for i, c in enumerate(chunks):
         if c.get("rows") is not None:
@@ -262,12 +284,23 @@ def count_lines(chunks: list[dict], storage: StorageConfig, cpus: float) -> tupl
             first_of_file = next(j for j in range(i, -1, -1) if chunks[j]["start"] == 0)
             lines = (1 + sum(counts[j] for j in range(first_of_file, i + 1))) if c["end"] else 0
             rows[c["file"]] = lines - (1 if c["file"].lower().endswith(".csv") and lines else 0)
-    return number_chunks(chunks, counts), rows
+    return [{**c, "newlines": counts[i]} if i in counts else c for i, c in enumerate(number_chunks(chunks, counts))], rows
 
 
 def files_read_before(chunks: list[dict], record: dict[str, dict]) -> dict[str, dict]:
     """The files of `chunks` a finished run read whole as they are now (inputs.json: same version)."""
     return {c["file"]: record[c["file"]] for c in chunks if record.get(c["file"], {}).get("version") == c["version"]}
+
+
+def units_read_before(chunks: list[dict], record: dict[str, dict]) -> dict[int, dict]:
+    """{index in `chunks`: its record} for the read units an earlier run finished, of files as they are now
+    (inputs.json units: same version, same byte range, so the same rows)."""
+    out = {}
+    for i, c in enumerate(chunks):
+        rec = record.get(c["file"])
+        if rec is not None and rec["version"] == c["version"]:
+            out.update({i: d for d in rec["done"] if d["start"] == c["start"] and d["end"] == c["end"]})
+    return out
 
 
 class Progress:
@@ -351,20 +384,22 @@ def task_rows(job, total: int | None) -> int:
     return max(job.batch_size, min(job.commit_scenes, -(-total // (4 * job.actors))))
 
 
-def build_dataset(cfg: Config, chunks: list[dict], ledgers: list, total: int | None = None):
-    """The streaming plan: read (CPU) -> validate + ledger (CPU actors) -> generate (GPU actors) -> write (CPU)."""
+def build_dataset(cfg: Config, chunks: list[dict], ledgers: list, total: int | None = None, tally=None):
+    """The streaming plan: read (CPU) -> validate + ledger (CPU actors) -> generate (GPU actors) -> write (CPU).
+    `chunks` carry their "unit" (index); `tally` (a UnitTally, or None) hears which rows have outcomes."""
     job = cfg.generate
     cfg_dict = cfg.model_dump(mode="json")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
     ctx.execution_options.preserve_order = bool(job.limit)  # with a limit, "the first N rows" are the set's first N
     ds = ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
-    ds = ds.map_batches(read_prompt_chunks, fn_kwargs={"storage": cfg.storage.model_dump(), "block_rows": job.block_rows},
+    ds = ds.map_batches(read_prompt_chunks, fn_kwargs={"storage": cfg.storage.model_dump(), "block_rows": job.block_rows,
+                                                       "tally": tally},
                         num_cpus=job.cpu_stage_cpus, batch_size=1, batch_format="pyarrow")
     if job.limit:
         ds = ds.limit(job.limit)
     # Every stage after reading takes and returns Arrow tables of STAGE_SCHEMA (vist3a.dataset): all-null columns stay typed.
-    ds = ds.map_batches(ValidatePrompts, fn_constructor_kwargs={"cfg_dict": cfg_dict, "ledgers": ledgers},
+    ds = ds.map_batches(ValidatePrompts, fn_constructor_kwargs={"cfg_dict": cfg_dict, "ledgers": ledgers, "tally": tally},
                         compute=ActorPoolStrategy(size=job.validators), num_cpus=job.cpu_stage_cpus,
                         batch_size=job.block_rows, batch_format="pyarrow")
     # A generator task is the unit of commit: <= commit_scenes rows (streaming; small blocks are combined).
@@ -379,21 +414,35 @@ def build_dataset(cfg: Config, chunks: list[dict], ledgers: list, total: int | N
     return ds
 
 
+def record_finished_units(cfg: Config, chunks: list[dict], tally) -> int:
+    """Record (inputs.json) the read units the tally found finished since it was last asked; -> how many."""
+    done = ray.get(tally.pop_finished.remote())
+    record_read_units(cfg.generate.output, [{**chunks[u], "rows": rows} for u, rows in done], cfg.storage)
+    return len(done)
+
+
 def stream(cfg: Config, chunks: list[dict], skip: pa.Array, progress: Progress) -> dict:
-    """The Ray Data stream over `chunks`, consumed for progress, with the commit log folded into the manifest
-    now and then; returns the ledger's counts."""
+    """The Ray Data stream over `chunks`, consumed for progress, with the read units it finishes recorded as
+    they finish (not with generate.limit, which leaves units part-read) and the commit log folded into the
+    manifest now and then; returns the ledger's counts."""
     job = cfg.generate
     skip_ref = ray.put(skip)
     ledgers = [IdLedger.remote(k, job.validators, skip_ref) for k in range(job.validators)]
+    tally = None if job.limit else UnitTally.remote()
+    chunks = [{**c, "unit": i} for i, c in enumerate(chunks)]
     last_consolidated = last_polled = time.perf_counter()
     parts_at_last = 0  # commit parts this run wrote up to the last consolidation
     try:
-        for batch in build_dataset(cfg, chunks, ledgers, progress.total).iter_batches(batch_size=None,
-                                                                                     batch_format="pyarrow"):
+        for batch in build_dataset(cfg, chunks, ledgers, progress.total, tally).iter_batches(batch_size=None,
+                                                                                            batch_format="pyarrow"):
             progress.update(batch)
+            if tally is not None:  # these rows are committed (write_scenes hands rows back after their part)
+                tally.settle.remote(list(zip(batch.column("unit").to_pylist(), batch.column("pos").to_pylist())))
             now = time.perf_counter()
             if now - last_polled >= min(job.progress_every_s, 5.0):
                 progress.ledger(ledger_counts(ledgers))
+                if tally is not None:
+                    record_finished_units(cfg, chunks, tally)
                 last_polled = now
             # a bounded commit log keeps a resume after a kill cheap (it reads every unfolded part)
             parts = progress.blocks + progress.refused_parts
@@ -402,8 +451,12 @@ def stream(cfg: Config, chunks: list[dict], skip: pa.Array, progress: Progress) 
                 last_consolidated, parts_at_last = time.perf_counter(), parts
         counts = ledger_counts(ledgers)
         progress.ledger(counts)
+        if tally is not None:
+            record_finished_units(cfg, chunks, tally)
     finally:
         progress.close()
+        for actor in ledgers + ([tally] if tally is not None else []):
+            ray.kill(actor)  # not left to reference counting: the plan that holds their handles may outlive this call
     return counts
 
 
@@ -421,6 +474,9 @@ def run(cfg: Config, progress_bar: bool | None = None) -> dict:
     # (with retry_failed they are: their failed rows are the work)
     read_before = {} if job.retry_failed else files_read_before(chunks, read_inputs_record(job.output, cfg.storage))
     chunks = [c for c in chunks if c["file"] not in read_before]
+    # read units a killed run finished (every row has its outcome): not read again either
+    units_before = {} if job.retry_failed else units_read_before(chunks, read_units_record(job.output, cfg.storage))
+    chunks = [{**c, "newlines": units_before[i]["newlines"]} if i in units_before else c for i, c in enumerate(chunks)]
     bookkeeping_s = time.perf_counter() - t0
     if read_before:
         print(f"[generate] {len(read_before)} prompt file(s) (≈{sum(v['rows'] for v in read_before.values())} rows) are "
@@ -429,14 +485,20 @@ def run(cfg: Config, progress_bar: bool | None = None) -> dict:
     counts = {"rows": 0, "duplicates": 0, "conflicts": 0, "recorded": 0, "refused": 0, "reasons": {}, "refused_parts": 0}
     progress = Progress(0, job.progress_every_s, False)
     rows_by_file: dict[str, int] = {}
+    rows_in_units_before = sum(d["rows"] for d in units_before.values())
     if chunks:
         init_ray(cfg)
         chunks, rows_by_file = count_lines(chunks, cfg.storage, job.cpu_stage_cpus)
-        total = sum(rows_by_file.values())
-        print(f"[generate] ≈{total} rows in {len(rows_by_file)} file(s) ({len(chunks)} read units); {len(skip)} ids "
+        todo = [c for i, c in enumerate(chunks) if i not in units_before]
+        total = max(sum(rows_by_file.values()) - rows_in_units_before, 0)
+        if units_before:
+            print(f"[generate] {len(units_before)} read unit(s) (≈{rows_in_units_before} rows) are skipped unread: a "
+                  f"killed run finished every row of them ({join(job.output, INPUTS_FILE)})", flush=True)
+        print(f"[generate] ≈{total} rows in {len(rows_by_file)} file(s) ({len(todo)} read units); {len(skip)} ids "
               f"recorded by earlier runs are skipped when seen (read in {bookkeeping_s:.1f}s) -> {job.output}", flush=True)
         progress = Progress(min(total, job.limit) if job.limit else total, job.progress_every_s, progress_bar)
-        counts = stream(cfg, chunks, skip, progress)
+        if todo:
+            counts = stream(cfg, todo, skip, progress)
     final = consolidate_manifest(job.output, cfg.storage)
     if chunks and not job.limit:  # every row of these files is now in the manifest
         record_read_inputs(job.output, {c["file"]: {"version": c["version"], "rows": rows_by_file[c["file"]]}
@@ -452,6 +514,7 @@ def run(cfg: Config, progress_bar: bool | None = None) -> dict:
     reasons = collections.Counter(counts["reasons"]) + progress.reasons
     this_run = {"rows_read": counts["rows"], "done": progress.done, "failed": progress.failed + progress.refused,
                 "files_skipped_unread": len(read_before), "rows_in_files_skipped": sum(v["rows"] for v in read_before.values()),
+                "read_units_skipped": len(units_before), "rows_in_units_skipped": rows_in_units_before,
                 "failed_at_validation": progress.refused, "duplicates_collapsed": counts["duplicates"],
                 "conflicting_ids": counts["conflicts"], "already_recorded": counts["recorded"],
                 "seconds": round(time.perf_counter() - t0, 2), "bookkeeping_s": round(bookkeeping_s, 2),
@@ -487,11 +550,12 @@ when absent (equal prompts collapse to one id and one scene); seeds derive from 
 output (generate.output):  scenes/<shard>/<id>.ply|.spz|.png|.cameras.json|.meta.json,
 manifest/bucket-*.parquet (one row per id: prompt, seed, status, error, files, timings, licence,
 provenance, ...; read the directory with pandas / pyarrow / Ray Data), commits/ (the commit log,
-folded into manifest/ at the end), inputs.json (the prompt files finished runs read whole), and
-the dataset card README.md + dataset.json.
+folded into manifest/ at the end), inputs.json (the prompt files finished runs read whole, the read
+units killed runs finished), and the dataset card README.md + dataset.json.
 Rerun the same command to resume: recorded ids are skipped (failed ones too unless
---set generate.retry_failed=true), and prompt files a finished run read whole are not read again
-while unchanged (size and mtime, or S3 ETag; delete inputs.json to read them all again).
+--set generate.retry_failed=true), and prompt files a finished run read whole, or read units a killed
+run finished, are not read again while unchanged (size and mtime, or S3 ETag; delete inputs.json to
+read them all again).
 
 examples:
   python -m pipelines.generate --config deploy/generate.yaml

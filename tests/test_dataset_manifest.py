@@ -266,3 +266,24 @@ def test_the_record_of_files_read_whole_merges_and_refuses_a_foreign_format(tmp_
     (tmp_path / "out" / INPUTS_FILE).write_text('{"format": "something-else/9", "files": {}}')
     with pytest.raises(ValueError, match=r"inputs\.json: format 'something-else/9' is not 'vist3a-read-inputs/1'"):
         read_inputs_record(out)
+
+
+def test_the_record_of_finished_read_units_merges_replaces_a_changed_file_and_goes_with_the_file_record(tmp_path):
+    from vist3a.dataset import read_inputs_record, read_units_record, record_read_inputs, record_read_units
+
+    out = str(tmp_path / "out")
+    assert read_units_record(out) == {}
+    unit = {"file": "/in/a.txt", "version": "v1", "first_line": 1, "unit": 0}
+    record_read_units(out, [{**unit, "start": 64, "end": 128, "rows": 2, "newlines": 2},
+                            {**unit, "start": 0, "end": 64, "rows": 3, "newlines": 3}])
+    record_read_units(out, [{**unit, "start": 0, "end": 64, "rows": 3, "newlines": 3},  # told twice: kept once
+                            {**unit, "file": "/in/b.txt", "start": 0, "end": 10, "rows": 1, "newlines": 0}])
+    got = read_units_record(out)
+    assert got["/in/a.txt"] == {"version": "v1", "done": [{"start": 0, "end": 64, "rows": 3, "newlines": 3},
+                                                          {"start": 64, "end": 128, "rows": 2, "newlines": 2}]}
+    record_read_units(out, [{**unit, "version": "v2", "start": 0, "end": 32, "rows": 1, "newlines": 1}])
+    assert read_units_record(out)["/in/a.txt"] == {"version": "v2", "done": [{"start": 0, "end": 32, "rows": 1,
+                                                                               "newlines": 1}]}
+    # a file read whole covers its units: they go, the other file's stay
+    record_read_inputs(out, {"/in/a.txt": {"version": "v2", "rows": 9}})
+    assert set(read_units_record(out)) == {"/in/b.txt"} and set(read_inputs_record(out)) == {"/in/a.txt"}

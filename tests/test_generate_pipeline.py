@@ -213,6 +213,30 @@ def _kill_worker(proc, title, busy=False, timeout=300):
     raise AssertionError(f"no process {title!r} appeared")
 
 
+def _kill_tree(proc):
+    """SIGKILL the driver and every process under it at once (a crash of the whole local Ray); wait them out."""
+    tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        alive = []
+        for pid in tree:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"processes {alive} outlived SIGKILL")
+
+
 def test_sigkill_worker_then_driver_then_resume_exactly_once(tmp_path, repo_root):
     prompts = [f"scene number {i} with a tree" for i in range(8)]
     bad = b"bad \xff bytes\n" + b"word " * 200 + b"\n"  # two bad rows: blocks of bad rows alone (batch_size 1)
@@ -236,30 +260,10 @@ def test_sigkill_worker_then_driver_then_resume_exactly_once(tmp_path, repo_root
         _kill_worker(proc, "MapBatches(write_scenes)")
         # 2) then the driver crashes with its whole local Ray (SIGKILL to every process at once).
         _wait_rows(parts, 3, proc)  # the two bad rows (committed at validation) and at least one scene
-        tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-        for pid in tree:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
+        _kill_tree(proc)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    def alive():
-        out = []
-        for p in tree:
-            try:
-                if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
-                    out.append(p)
-            except psutil.NoSuchProcess:
-                pass
-        return out
-
-    deadline = time.time() + 15  # a SIGKILLed process on a loaded 2-core machine can take a moment to go
-    while alive() and time.time() < deadline:
-        time.sleep(0.2)
-    assert not alive()
     before = read_manifest(str(out)).to_pylist()
     committed_before, failed_before = len(before), sum(r["status"] == "failed" for r in before)
     assert 3 <= committed_before < len(prompts) + 2, "the kill should land mid-way"
@@ -277,6 +281,60 @@ def test_sigkill_worker_then_driver_then_resume_exactly_once(tmp_path, repo_root
     assert (f"{committed_before} already recorded, {len(prompts) - (committed_before - failed_before)} done, "
             f"{2 - failed_before} failed") in done.stdout
     assert not list(out.rglob(".tmp-*"))  # no half-written file left behind
+
+
+def test_a_killed_runs_finished_read_units_are_not_read_again(tmp_path, repo_root):
+    """Read units whose every row has an outcome are recorded in inputs.json while the run goes on; after a
+    SIGKILL of the driver and its Ray, the rerun skips them unread and reads only the rest, exactly once."""
+    prompts = [f"scene number {i} with a tree" for i in range(12)]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")  # 64-byte units: lines 1-3 start in the first
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "pipelines.generate", "--config", "deploy/generate.yaml", "--no-progress-bar",
+            "--set", f"generate.input={tmp_path / 'p.txt'}", "--set", f"generate.output={out}",
+            "--set", f"generate.read_chunk_mb={64 / 2**20}", "--set", "generate.progress_every_s=0.5",
+            "--set", "sampling.steps=24", "--set", "generate.batch_size=1", "--set", "generate.commit_scenes=1",
+            "--set", "splats.preview_size=32", "--set", "splats.preview_views=1", "--set", "ray.progress_bars=false"]
+    env = {**os.environ, "PYTHONPATH": repo_root}
+    proc = subprocess.Popen(args, cwd=repo_root, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    record = out / "inputs.json"
+
+    def first_unit_done() -> bool:
+        try:
+            units = json.loads(record.read_text())["units"]
+        except (OSError, ValueError, KeyError):
+            return False
+        return any(d["start"] == 0 for u in units.values() for d in u["done"])
+
+    try:
+        deadline = time.time() + 300
+        while not first_unit_done():
+            assert proc.poll() is None, "the run ended before its first read unit was recorded"
+            assert time.time() < deadline, "no finished read unit was recorded"
+            time.sleep(0.1)
+        _kill_tree(proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    (units,) = json.loads(record.read_text())["units"].values()
+    skipped_rows = sum(d["rows"] for d in units["done"])
+    # newlines before the unit's last byte: what numbers the next unit's lines (vist3a.io.prompts.count_newlines)
+    text = (tmp_path / "p.txt").read_text()
+    assert units["done"][0] == {"start": 0, "end": 64, "rows": 3, "newlines": text[:63].count("\n")}
+    before = {r["id"]: r for r in read_manifest(str(out)).to_pylist()}
+    assert skipped_rows <= len(before) < len(prompts), "the kill should land mid-way"
+    done = subprocess.run(args, cwd=repo_root, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (f"{len(units['done'])} read unit(s) (≈{skipped_rows} rows) are skipped unread" in done.stdout)
+    assert f"this run: {len(prompts) - skipped_rows} rows read" in done.stdout
+    assert f"{len(before) - skipped_rows} already recorded, {len(prompts) - len(before)} done" in done.stdout
+    rows = _check_consistent(str(out))
+    assert sorted(r["prompt"] for r in rows if r["status"] == "done") == sorted(prompts)
+    assert all(before[r["id"]] == r for r in rows if r["id"] in before)  # what the killed run committed stays
+    ids = pa.concat_tables([pq.read_table(p) for p in (out / "manifest").glob("bucket-*.parquet")]).column("id")
+    assert len(ids) == len(set(ids.to_pylist())) == len(prompts)
+    finished = json.loads(record.read_text())
+    assert finished["units"] == {} and list(finished["files"]) == [str(tmp_path / "p.txt")]
 
 
 def test_prompt_set_over_many_files_and_read_units_on_s3(tmp_path, s3_bucket, ray_local):

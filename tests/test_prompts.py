@@ -247,3 +247,22 @@ def test_a_file_version_changes_with_its_content_and_only_then(tmp_path, s3_buck
     assert versions(f"s3://{s3_bucket}/v/p.txt") == {e1} and e1.startswith("size=14 etag=")
     write_text(f"s3://{s3_bucket}/v/p.txt", "a barn\na pond\n")
     assert versions(f"s3://{s3_bucket}/v/p.txt") != {e1}
+
+
+def test_a_read_unit_is_finished_once_every_row_has_an_outcome_counted_once():
+    from vist3a.io.prompts import ReadUnitTally
+
+    t = ReadUnitTally()
+    t.settle([(0, 0), (0, 2), (1, 0)])
+    assert t.pop_finished() == []           # no unit fully read yet
+    t.read(0, 3)
+    t.read(1, 1)
+    t.read(2, 0)                            # a unit no line starts in
+    assert t.pop_finished() == [(1, 1), (2, 0)]
+    t.settle([(0, 2), (0, 0), (None, 5)])   # told again (a retried task), and a row from outside the job
+    assert t.pop_finished() == []           # position 1 of unit 0 has no outcome yet
+    t.settle([(0, 1)])
+    assert t.pop_finished() == [(0, 3)] and t.marks == {} and t.rows == {}
+    t.read(0, 3)                            # a retried reader of a finished unit
+    t.settle([(0, 1)])
+    assert t.pop_finished() == [] and t.marks == {}

@@ -11,7 +11,8 @@ Layout under one output URI:
                                        disjoint buckets by the first hex digit of sha256(id)
     dataset.json, README.md            the dataset card of the last run
     inputs.json                        the prompt files finished runs read whole (each with its size and
-                                       modification stamp): a rerun skips them without reading them
+                                       modification stamp), and the read units a killed run finished:
+                                       a rerun skips them without reading them
 
 An id counts as complete once a row naming it is in a commit part or a bucket. A part is written
 (atomically) after every file of its rows, so a run killed at any moment leaves ids that are either
@@ -23,9 +24,11 @@ holds an id twice. Readers (`read_manifest`) take buckets and parts together and
 a 'done' row over a 'failed' one, then the latest `finished_at`. Older layouts (manifest/parts/*,
 manifest.parquet) are read too and folded in by the next consolidation.
 
-`inputs.json` only saves reading: it is written after a run's final consolidation, so every row of the
-files it names is in the manifest; a file that changed since (size or stamp) is read again, and a killed
-run records nothing, so its rerun reads every file and skips the recorded ids one by one.
+`inputs.json` only saves reading. Its files are written after a run's final consolidation, so every row
+of them is in the manifest; a file that changed since (size or stamp) is read again. Its units (byte
+ranges of a file as it was) are written during a run, each once every row of it has a durable outcome
+(committed, or dropped as a duplicate of an id or as recorded), so a killed run's rerun skips the units it
+finished and reads the others, skipping their recorded ids one by one.
 """
 
 from __future__ import annotations
@@ -96,10 +99,13 @@ STAGE_SCHEMA = pa.schema([
     ("error", pa.string()),               # null: the row can still be generated
     ("scene", pa.binary()),               # the pickled Scene, once generated
     ("meta", pa.string()),                # its meta.json text, once generated
+    ("unit", pa.int32()),                 # the run's read unit the row came from, and its place in it:
+    ("pos", pa.int32()),                  # what tells the run a unit is finished (null outside the job)
 ])
 
-#: What the write stage hands back to the driver (progress), one row per committed manifest row.
-RESULT_SCHEMA = pa.schema([("id", pa.string()), ("status", pa.string()), ("error", pa.string())])
+#: What the write stage hands back to the driver (progress, finished read units), one row per committed row.
+RESULT_SCHEMA = pa.schema([("id", pa.string()), ("status", pa.string()), ("error", pa.string()),
+                           ("unit", pa.int32()), ("pos", pa.int32())])
 
 
 def typed_table(rows: list[dict], schema: pa.Schema, what: str = "row") -> pa.Table:
@@ -364,29 +370,62 @@ INPUTS_FILE = "inputs.json"
 INPUTS_FORMAT = "vist3a-read-inputs/1"
 
 
-def read_inputs_record(output: str, storage=None) -> dict[str, dict]:
-    """The prompt files finished runs read whole: {uri: {"version", "rows", "read_at"}} (empty if none).
-    `version` is vist3a.io.prompts.file_version: the file as it was then."""
+def _inputs_doc(output: str, storage=None) -> dict:
     from vist3a.io.uri import exists, read_text
 
     uri = join(output, INPUTS_FILE)
     if not exists(uri, storage):
-        return {}
+        return {"format": INPUTS_FORMAT, "files": {}, "units": {}}
     doc = json.loads(read_text(uri, storage))
     if doc.get("format") != INPUTS_FORMAT:
         raise ValueError(f"{uri}: format {doc.get('format')!r} is not {INPUTS_FORMAT!r}; delete the file and the next "
                          "run reads every prompt file (recorded ids are still skipped)")
-    return doc["files"]
+    return {"format": INPUTS_FORMAT, "files": doc.get("files", {}), "units": doc.get("units", {})}
+
+
+def _write_inputs_doc(output: str, doc: dict, storage=None) -> None:
+    doc = {"format": INPUTS_FORMAT, "files": dict(sorted(doc["files"].items())), "units": dict(sorted(doc["units"].items()))}
+    write_bytes(join(output, INPUTS_FILE), json.dumps(doc, indent=1).encode("utf-8"), storage)
+
+
+def read_inputs_record(output: str, storage=None) -> dict[str, dict]:
+    """The prompt files finished runs read whole: {uri: {"version", "rows", "read_at"}} (empty if none).
+    `version` is vist3a.io.prompts.file_version: the file as it was then."""
+    return _inputs_doc(output, storage)["files"]
 
 
 def record_read_inputs(output: str, files: dict[str, dict], storage=None) -> None:
-    """Add `files` ({uri: {"version", "rows"}}) to inputs.json, atomically: call it only once every row of
-    them is in the manifest (after the run's final consolidation)."""
-    record = read_inputs_record(output, storage)
+    """Add `files` ({uri: {"version", "rows"}}) to inputs.json, atomically (their finished units go: the file
+    covers them): call it only once every row of them is in the manifest (after the run's final consolidation)."""
+    doc = _inputs_doc(output, storage)
     stamp = now_utc().isoformat(timespec="seconds")
-    record.update({f: {**v, "read_at": stamp} for f, v in files.items()})
-    doc = {"format": INPUTS_FORMAT, "files": dict(sorted(record.items()))}
-    write_bytes(join(output, INPUTS_FILE), json.dumps(doc, indent=1).encode("utf-8"), storage)
+    doc["files"].update({f: {**v, "read_at": stamp} for f, v in files.items()})
+    for f in files:
+        doc["units"].pop(f, None)
+    _write_inputs_doc(output, doc, storage)
+
+
+def read_units_record(output: str, storage=None) -> dict[str, dict]:
+    """The read units runs finished in files they did not finish whole: {uri: {"version", "done": [{"start",
+    "end", "rows", "newlines"}]}} (empty if none)."""
+    return _inputs_doc(output, storage)["units"]
+
+
+def record_read_units(output: str, units: list[dict], storage=None) -> None:
+    """Add finished read units (chunk dicts of vist3a.io.prompts.plan_chunks plus "rows" and "newlines") to
+    inputs.json, atomically: call it only once every row of each has a durable outcome. A unit of a file
+    whose version changed replaces that file's older units."""
+    if not units:
+        return
+    doc = _inputs_doc(output, storage)
+    for u in units:
+        rec = doc["units"].get(u["file"])
+        if rec is None or rec["version"] != u["version"]:
+            rec = doc["units"][u["file"]] = {"version": u["version"], "done": []}
+        if not any(d["start"] == u["start"] and d["end"] == u["end"] for d in rec["done"]):
+            rec["done"].append({k: u.get(k) for k in ("start", "end", "rows", "newlines")})
+        rec["done"].sort(key=lambda d: d["start"])
+    _write_inputs_doc(output, doc, storage)
 
 
 def now_utc():

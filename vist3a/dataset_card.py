@@ -66,7 +66,7 @@ def build_card(output: str, cfg, this_run: dict, storage=None) -> dict:
         "last_run": this_run,
         "layout": {"manifest": f"{MANIFEST_DIR}/ (Parquet, one row per id)", "scenes": "scenes/<shard>/<id>.<ext>",
                    "commit_log": "commits/ (folded into manifest/ at the end of a run)",
-                   "inputs_read": "inputs.json (prompt files finished runs read whole; a rerun skips them unread)"},
+                   "inputs_read": "inputs.json (prompt files finished runs read whole, read units killed runs finished: a rerun skips them unread)"},
     }
 
 

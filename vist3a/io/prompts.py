@@ -115,6 +115,46 @@ def _check_columns(uri: str, fs, path: str, ext: str) -> int | None:
     return rows
 
 
+class ReadUnitTally:
+    """Which read units of a run are finished: every row of the unit has a durable outcome (committed, or
+    dropped as a duplicate or as recorded by an earlier run), so a rerun after a kill need not read it again.
+    Rows are marked by (unit, position in the unit); marking one twice (a retried task) counts it once."""
+
+    def __init__(self):
+        self.rows: dict[int, int] = {}          # rows each fully read unit has
+        self.marks: dict[int, bytearray] = {}   # per unit, 1 where the row at that position has an outcome
+        self.settled: collections.Counter[int] = collections.Counter()
+        self.finished: set[int] = set()
+
+    def read(self, unit: int, rows: int) -> None:
+        """The reader yielded all `rows` rows of `unit` (a retried reader says it again)."""
+        if unit not in self.finished:
+            self.rows[unit] = rows
+
+    def settle(self, pairs: Iterable[tuple[int, int]]) -> None:
+        """These rows' outcomes are durable."""
+        for unit, pos in pairs:
+            if unit is None or unit in self.finished:
+                continue
+            marks = self.marks.setdefault(unit, bytearray())
+            if pos >= len(marks):
+                marks.extend(bytes(pos + 1 - len(marks)))
+            if not marks[pos]:
+                marks[pos] = 1
+                self.settled[unit] += 1
+
+    def pop_finished(self) -> list[tuple[int, int]]:
+        """(unit, rows) of the units finished since the last call (their marks are dropped: memory is for
+        the units in flight)."""
+        done = sorted((u, n) for u, n in self.rows.items() if self.settled[u] >= n)
+        for u, _ in done:
+            self.finished.add(u)
+            del self.rows[u]
+            self.marks.pop(u, None)
+            self.settled.pop(u, None)
+        return done
+
+
 def count_newlines(chunk: dict, storage=None) -> int:
     """Newlines in [max(start - 1, 0), end - 1): summed over a file's earlier chunks, the line number a
     chunk's first line has (`number_chunks`); over all of a file's chunks, its lines - 1."""
