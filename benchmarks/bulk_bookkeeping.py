@@ -34,6 +34,10 @@ Parts (--parts, comma-separated):
      is skipped unread, inputs.json records that the first run read it whole); then once more with
      inputs.json deleted ("reread": the file read again and every row skipped as recorded, the work a
      resume after a kill does over the rows it had already finished).
+  e  A resume after a kill: (d)'s prompt file cut into read units of --kill-chunk-mb, the job SIGKILLed (driver
+     and its Ray) once --kill-at of the units are recorded in inputs.json as finished; then the resume (the
+     finished units skipped unread) and, on a copy of the same killed output with inputs.json deleted, the
+     resume that reads every row again: seconds, rows read, driver peak RSS, side by side.
 
 Targets (issue 15): (a) <= 10 s and <= 1 GB for 10^6 committed scenes locally, cost growing with
 scenes/1000 not with batches; (d) rerun <= 30 s with the driver <= 1.5 GB, first-run commit parts ~ rows/1000.
@@ -654,8 +658,8 @@ def part_c(args, results: dict) -> None:
 D_RUNS = ("first", "rerun", "reread")
 
 
-def part_d(args, work: str, results: dict) -> None:
-    d = os.path.join(work, "d")
+def d_prompt_file(args, d: str) -> str:
+    """(d)'s prompt file in directory `d`: --refused-rows refused rows with --valid-rows valid ones spread over them."""
     os.makedirs(d, exist_ok=True)
     ext = ".txt" if args.refused_kind == "long" else ".jsonl"
     path = os.path.join(d, "prompts" + ext)
@@ -682,6 +686,12 @@ def part_d(args, work: str, results: dict) -> None:
         while k < len(valid):
             f.write(good(k) + "\n")
             k += 1
+    return path
+
+
+def part_d(args, work: str, results: dict) -> None:
+    d = os.path.join(work, "d")
+    path = d_prompt_file(args, d)
     out = os.path.join(d, "out")
     cfg = job_yaml(os.path.join(d, "job.yaml"), path, out)
     res = {"refused_rows": args.refused_rows, "refused_kind": args.refused_kind, "valid_rows": args.valid_rows,
@@ -702,6 +712,62 @@ def part_d(args, work: str, results: dict) -> None:
               f"{r['commit_parts_seen']}, folded at the end {(s.get('consolidation') or {}).get('parts_folded')}, "
               f"files after {res[name]['files_after']}", flush=True)
     results["d"] = res
+
+
+def units_recorded(out: str) -> int:
+    try:
+        with open(os.path.join(out, "inputs.json")) as f:
+            return sum(len(u["done"]) for u in json.load(f).get("units", {}).values())
+    except (OSError, ValueError):
+        return 0
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (the driver with its local Ray), and wait them out."""
+    import psutil
+
+    procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def part_e(args, work: str, results: dict) -> None:
+    d = os.path.join(work, "e")
+    path = d_prompt_file(args, d)
+    out, copy = os.path.join(d, "out"), os.path.join(d, "out-without-units")
+    extra = {"read_chunk_mb": args.kill_chunk_mb, "progress_every_s": 1}
+    cfg = job_yaml(os.path.join(d, "job.yaml"), path, out, extra)
+    units = -(-os.path.getsize(path) // int(args.kill_chunk_mb * 2**20))
+    want = max(1, int(units * args.kill_at))
+    print(f"[e] a run killed once {want} of its {units} read units are recorded ...", flush=True)
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.generate", "--config", cfg, "--no-progress-bar"], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    t0 = time.perf_counter()
+    while units_recorded(out) < want:
+        if proc.poll() is not None:
+            raise RuntimeError(f"(e) the run ended (rc {proc.returncode}) before {want} read units were recorded")
+        time.sleep(0.2)
+    killed_after = round(time.perf_counter() - t0, 2)
+    kill_tree(proc.pid)
+    res = {"read_chunk_mb": args.kill_chunk_mb, "units": units, "units_recorded_at_kill": units_recorded(out),
+           "killed_after_s": killed_after, "command": f"python -m pipelines.generate --config {cfg} --no-progress-bar"}
+    shutil.copytree(out, copy)
+    os.remove(os.path.join(copy, "inputs.json"))
+    cfg_copy = job_yaml(os.path.join(d, "job-without-units.yaml"), path, copy, extra)
+    for name, c in (("resume", cfg), ("resume_without_units", cfg_copy)):
+        r = run_cli(c, log=os.path.join(d, f"{name}.log"))
+        s = r.get("summary") or {}
+        res[name] = {**{k: r[k] for k in ("rc", "wall_s", "seconds_in_process", "peak_rss_mb", "load1")},
+                     "this_run": s.get("this_run"), "manifest": s.get("manifest")}
+        t = s.get("this_run") or {}
+        print(f"[e] {name}: rc {r['rc']}, {r['wall_s']} s, rows read {t.get('rows_read')}, read units skipped "
+              f"{t.get('read_units_skipped')}, driver peak {r['peak_rss_mb']} MB", flush=True)
+    results["e"] = res
 
 
 # ----------------------------------------------------------------------------- report
@@ -765,6 +831,16 @@ def report(results: dict) -> list[str]:
                      f"{r['commit_parts_seen']} (folded at end {(r['consolidation'] or {}).get('parts_folded')}), "
                      f"files after: commits/ {r['files_after']['commits']} + manifest/ {r['files_after']['manifest']}; load {r['load1']}")
             L.extend(ray_lines(r))
+    if results.get("e"):
+        e = results["e"]
+        L.append(f"(e) (d)'s prompt file in {e['units']} read units of {e['read_chunk_mb']} MB, the run SIGKILLed "
+                 f"(driver and Ray) after {e['killed_after_s']} s with {e['units_recorded_at_kill']} units recorded; resumed:")
+        for name, what in (("resume", "with the units it finished skipped"),
+                           ("resume_without_units", "the same killed output, inputs.json deleted (every row read again)")):
+            r, t = e[name], e[name]["this_run"] or {}
+            L.append(f"    {what:70s}: {r['wall_s']:6.1f} s wall, rows read {t.get('rows_read')}, already recorded "
+                     f"{t.get('already_recorded')}, units skipped {t.get('read_units_skipped')}, driver peak "
+                     f"{r['peak_rss_mb']:.0f} MB; load {r['load1']}")
     L.extend(target_lines(results))
     return L
 
@@ -810,7 +886,7 @@ def code_fingerprints() -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="a,b,c,d", help="which parts to run, comma-separated (default: %(default)s)")
+    ap.add_argument("--parts", default="a,b,c,d,e", help="which parts to run, comma-separated (default: %(default)s)")
     ap.add_argument("--sizes", default="1e5,1e6", help="(a) committed scenes, after code (default: %(default)s)")
     ap.add_argument("--old-sizes", default="1e4,1e5", help="(a) committed scenes the before code is measured at; "
                     "other --sizes are extrapolated linearly in parts (default: %(default)s)")
@@ -832,6 +908,10 @@ def main(argv=None) -> int:
     ap.add_argument("--refused-kind", choices=("long", "empty"), default="long",
                     help="(d) long: over the tiny preset's 128-token limit; empty: {\"prompt\": \"\"} (default: %(default)s)")
     ap.add_argument("--valid-rows", type=int, default=3, help="(d) valid prompts among them (default: %(default)s)")
+    ap.add_argument("--kill-chunk-mb", type=float, default=1.0, help="(e) generate.read_chunk_mb of the killed run "
+                    "(default: %(default)s)")
+    ap.add_argument("--kill-at", type=float, default=0.5, help="(e) kill once this share of the read units is recorded "
+                    "(default: %(default)s)")
     ap.add_argument("--update", action="store_true", help="keep the parts not run now from the existing --out file "
                     "(the table then shows both; the JSON says which run measured which part)")
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a new temporary one, removed after)")
@@ -876,6 +956,8 @@ def main(argv=None) -> int:
             part_c(args, results)
         if "d" in parts:
             part_d(args, work, results)
+        if "e" in parts:
+            part_e(args, work, results)
     finally:
         results["total_s"] = round(time.perf_counter() - t0, 1)
         results["code_sha256_end"] = code_fingerprints()
