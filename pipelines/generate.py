@@ -27,6 +27,7 @@ import json
 import logging
 import pickle
 import sys
+import threading
 import time
 
 import pyarrow as pa
@@ -432,6 +433,18 @@ def stream(cfg: Config, chunks: list[dict], skip: pa.Array, progress: Progress) 
     chunks = [{**c, "unit": i} for i, c in enumerate(chunks)]
     last_consolidated = last_polled = time.perf_counter()
     parts_at_last = 0  # commit parts this run wrote up to the last consolidation
+    stop = threading.Event()
+
+    def keep_recording_units():  # on a timer, not per output batch: units of refused rows alone finish with no output
+        while not stop.wait(min(job.progress_every_s, 5.0)):
+            try:
+                record_finished_units(cfg, chunks, tally)
+            except Exception as exc:  # noqa: BLE001 - the record only saves reading; the run goes on
+                log.warning("could not record finished read units (a rerun reads them again): %s", exc)
+
+    recorder = threading.Thread(target=keep_recording_units, name="record-read-units", daemon=True)
+    if tally is not None:
+        recorder.start()
     try:
         for batch in build_dataset(cfg, chunks, ledgers, progress.total, tally).iter_batches(batch_size=None,
                                                                                             batch_format="pyarrow"):
@@ -441,8 +454,6 @@ def stream(cfg: Config, chunks: list[dict], skip: pa.Array, progress: Progress) 
             now = time.perf_counter()
             if now - last_polled >= min(job.progress_every_s, 5.0):
                 progress.ledger(ledger_counts(ledgers))
-                if tally is not None:
-                    record_finished_units(cfg, chunks, tally)
                 last_polled = now
             # a bounded commit log keeps a resume after a kill cheap (it reads every unfolded part)
             parts = progress.blocks + progress.refused_parts
@@ -452,8 +463,13 @@ def stream(cfg: Config, chunks: list[dict], skip: pa.Array, progress: Progress) 
         counts = ledger_counts(ledgers)
         progress.ledger(counts)
         if tally is not None:
+            stop.set()
+            recorder.join()
             record_finished_units(cfg, chunks, tally)
     finally:
+        stop.set()
+        if recorder.is_alive():
+            recorder.join()
         progress.close()
         for actor in ledgers + ([tally] if tally is not None else []):
             ray.kill(actor)  # not left to reference counting: the plan that holds their handles may outlive this call
