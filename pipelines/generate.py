@@ -415,11 +415,10 @@ def build_dataset(cfg: Config, chunks: list[dict], ledgers: list, total: int | N
     return ds
 
 
-def record_finished_units(cfg: Config, chunks: list[dict], tally) -> int:
-    """Record (inputs.json) the read units the tally found finished since it was last asked; -> how many."""
+def record_finished_units(cfg: Config, chunks: list[dict], tally) -> None:
+    """Record (inputs.json) the read units the tally found finished since it was last asked."""
     done = ray.get(tally.pop_finished.remote())
     record_read_units(cfg.generate.output, [{**chunks[u], "rows": rows} for u, rows in done], cfg.storage)
-    return len(done)
 
 
 def stream(cfg: Config, chunks: list[dict], skip: pa.Array, progress: Progress) -> dict:
@@ -436,11 +435,14 @@ def stream(cfg: Config, chunks: list[dict], skip: pa.Array, progress: Progress) 
     stop = threading.Event()
 
     def keep_recording_units():  # on a timer, not per output batch: units of refused rows alone finish with no output
-        while not stop.wait(min(job.progress_every_s, 5.0)):
+        while True:  # once more after `stop`: what finished before the stream ended (or failed) is recorded too
+            stopping = stop.wait(min(job.progress_every_s, 5.0))
             try:
                 record_finished_units(cfg, chunks, tally)
             except Exception as exc:  # noqa: BLE001 - the record only saves reading; the run goes on
                 log.warning("could not record finished read units (a rerun reads them again): %s", exc)
+            if stopping:
+                return
 
     recorder = threading.Thread(target=keep_recording_units, name="record-read-units", daemon=True)
     if tally is not None:
@@ -462,14 +464,10 @@ def stream(cfg: Config, chunks: list[dict], skip: pa.Array, progress: Progress) 
                 last_consolidated, parts_at_last = time.perf_counter(), parts
         counts = ledger_counts(ledgers)
         progress.ledger(counts)
-        if tally is not None:
-            stop.set()
-            recorder.join()
-            record_finished_units(cfg, chunks, tally)
     finally:
         stop.set()
         if recorder.is_alive():
-            recorder.join()
+            recorder.join()  # before the actors go, and before the run records the files it read whole
         progress.close()
         for actor in ledgers + ([tally] if tally is not None else []):
             ray.kill(actor)  # not left to reference counting: the plan that holds their handles may outlive this call
